@@ -1,0 +1,165 @@
+"""Fixtures shared by every test file: the proxy module, a fake Infinity, and the proxy under test.
+
+The fake stands in for infinity_emb 0.0.78's HTTP API as measured (../shared/CONTRACT.md): labels
+sorted by score, inputs whitespace-stripped, 422 for more than 2048 inputs or an input over
+122,880 characters, FastAPI's {"detail"} shapes. It is a real aiohttp server on 127.0.0.1, and a
+test can replace any answer with `fake.fault`, an async function of the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.util
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("proxy_classifier", ROOT / "proxy-classifier.py")
+proxy = importlib.util.module_from_spec(_spec)
+sys.modules["proxy_classifier"] = proxy
+_spec.loader.exec_module(proxy)
+
+SERVED_MODEL = "michaelfeil/mxbai-rerank-base-v2-seq"
+MAX_INPUTS = 2048
+MAX_INPUT_CHARS = 122_880
+
+
+def document_in(prompt: str) -> str:
+    """The document part of a prompt the proxy built (Infinity strips the prompt's two ends)."""
+    head, _, rest = prompt.partition("\ndocument: ")
+    return rest[: len(rest) - len(proxy.PROMPT_TAIL.strip())].removesuffix("\n") if rest else prompt
+
+
+def hashed_probability(prompt: str) -> float:
+    """A deterministic, well-spread probability for any prompt."""
+    return int.from_bytes(hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).digest()[:4], "big") / 2**32
+
+
+class FakeInfinity:
+    """infinity_emb's HTTP surface, as measured, with knobs for the tests."""
+
+    def __init__(self) -> None:
+        self.score: Callable[[str], float] = hashed_probability  # stripped prompt -> p("1")
+        self.fault: Callable[[web.Request], Awaitable[web.StreamResponse | None]] | None = None
+        self.delay = 0.0  # seconds per /classify call, standing in for inference
+        self.api_key: str | None = None
+        self.models = [SERVED_MODEL]
+        self.classify_bodies: list[dict[str, Any]] = []
+        self.classify_headers: list[dict[str, str]] = []
+        self.forwarded: list[tuple[str, str, bytes, dict[str, str]]] = []
+        self.empty_inputs = 0  # what kills the real Infinity's batch worker
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.url = ""  # set by the fixture: base URL with the /v1 prefix
+
+    @property
+    def inputs(self) -> list[str]:
+        return [text for body in self.classify_bodies for text in body["input"]]
+
+    def labels(self, p1: float) -> list[dict[str, Any]]:
+        labels = [{"label": "1", "score": p1}, {"label": "0", "score": 1.0 - p1}]
+        return sorted(labels, key=lambda label: -label["score"])  # Infinity sorts by score
+
+    def app(self) -> web.Application:
+        @web.middleware
+        async def auth_and_faults(request: web.Request, handler: Any) -> web.StreamResponse:
+            if self.api_key and request.path != "/health" and request.headers.get(
+                    "Authorization") != f"Bearer {self.api_key}":
+                return web.json_response({"detail": "Unauthorized"}, status=401)
+            if self.fault is not None and request.path != "/health":
+                answer = await self.fault(request)
+                if answer is not None:
+                    return answer
+            return await handler(request)
+
+        app = web.Application(middlewares=[auth_and_faults], client_max_size=1024**3)
+        app.router.add_get("/health", self.health)
+        app.router.add_post("/v1/classify", self.classify)
+        app.router.add_get("/v1/models", self.list_models)
+        app.router.add_post("/v1/embeddings", self.embeddings)
+        return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"unix": time.time()})
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        self.forwarded.append((request.method, request.path_qs, b"", dict(request.headers)))
+        return web.json_response({"data": [{"id": m, "object": "model"} for m in self.models], "object": "list"})
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.forwarded.append((request.method, request.path_qs, body, dict(request.headers)))
+        return web.Response(status=200, body=b'{"object":"list","echo":' + body + b"}",
+                            content_type="application/json")
+
+    async def classify(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.classify_bodies.append(body)
+        self.classify_headers.append(dict(request.headers))
+        inputs = body.get("input")
+        if len(self.models) > 1 and body.get("model") not in self.models:
+            return web.json_response({"error": {"message": f"Invalid model: {body.get('model')}", "type": "BadRequest",
+                                                "param": None, "code": 400}}, status=400)
+        if not isinstance(inputs, list) or len(inputs) > MAX_INPUTS or any(len(s) > MAX_INPUT_CHARS for s in inputs):
+            return web.json_response({"detail": [{"type": "too_long", "loc": ["body", "input"],
+                                                  "msg": "List should have at most 2048 items"}]}, status=422)
+        stripped = [s.strip() for s in inputs]
+        self.empty_inputs += sum(1 for s in stripped if not s)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+        finally:
+            self.in_flight -= 1
+        tokens = sum(len(s) for s in stripped)  # Infinity counts characters by default
+        return web.json_response({"object": "classify", "data": [self.labels(self.score(s)) for s in stripped],
+                                  "model": body.get("model"), "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                                  "id": "infinity-fake", "created": int(time.time())})
+
+
+@pytest.fixture
+async def fake_infinity(aiohttp_server: Any) -> FakeInfinity:
+    fake = FakeInfinity()
+    server = await aiohttp_server(fake.app(), host="127.0.0.1")
+    fake.url = str(server.make_url("/v1"))
+    return fake
+
+
+@pytest.fixture
+def make_proxy(aiohttp_client: Any, fake_infinity: FakeInfinity) -> Callable[..., Awaitable[Any]]:
+    """A test client for the proxy app, pointed at the fake Infinity unless told otherwise."""
+
+    async def make(**overrides: Any) -> Any:
+        overrides.setdefault("infinity_url", fake_infinity.url)
+        config = proxy.Config(**overrides)
+        config.check()
+        return await aiohttp_client(proxy.make_app(config))
+
+    return make
+
+
+@pytest.fixture
+async def client(make_proxy: Callable[..., Awaitable[Any]]) -> Any:
+    return await make_proxy()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def strict_environment() -> bool:
+    """CI sets this so that a tier whose packages are missing fails instead of skipping."""
+    return os.environ.get("PROXY_TESTS_REQUIRE_ALL") == "1"

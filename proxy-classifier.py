@@ -1,0 +1,937 @@
+#!/usr/bin/env python3
+"""Rerank proxy for Infinity.
+
+Infinity serves mxbai-rerank-v2 (the two-label ``-seq`` conversion) only through ``/classify``
+(Infinity issue 552). This proxy accepts Cohere/Infinity-style rerank requests on ``/rerank``,
+``/v1/rerank`` and ``/v2/rerank``, builds mxbai-rerank-v2's own prompt for every query and
+document, sends the prompts to Infinity as batched ``/classify`` calls over one shared HTTP
+session, and answers with relevance scores in the shape each client parses.
+
+The file reads top to bottom: the prompt the model was trained on, configuration, the
+translation as pure functions, the upstream client, thin handlers, the app factory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from aiohttp import ClientSession, ClientTimeout, TCPConnector, client_exceptions, web
+from yarl import URL
+
+log = logging.getLogger("proxy-classifier")
+
+# --------------------------------------------------------------------------------------------
+# 1. What the model expects: mxbai-rerank-v2's prompt, as it was trained (mixedbread's
+#    mxbai_rerank_v2.py, vLLM's mxbai_rerank_v2.jinja). The template printed on the -seq model
+#    cards differs (a leading <|endoftext|>, spaces before newlines); the trained one is right.
+# --------------------------------------------------------------------------------------------
+
+SYSTEM_TURN = (
+    "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+)
+USER_TURN = "<|im_start|>user\n"
+INSTRUCTION_LINE = "instruction: {instruction}\n"
+QUERY_LINE = "query: {query}\n"
+DOCUMENT_LINE = "document: {document}\n"
+TASK_LINE = (
+    "You are a search relevance expert who evaluates how well documents match search queries. "
+    "For each query-document pair, carefully analyze the semantic relationship between them, "
+    "then provide your binary relevance judgment (0 for not relevant, 1 for relevant).\n"
+    "Relevance:<|im_end|>\n"
+)
+ASSISTANT_TURN = "<|im_start|>assistant\n"
+
+DOCUMENT_START, DOCUMENT_END = DOCUMENT_LINE.split("{document}")
+PROMPT_TAIL = DOCUMENT_END + TASK_LINE + ASSISTANT_TURN  # the same for every prompt
+
+
+def prompt_head(query: str, instruction: str = "") -> str:
+    """Everything before the document: the same for every prompt of one request."""
+    instruction_line = INSTRUCTION_LINE.format(instruction=instruction) if instruction else ""
+    return SYSTEM_TURN + USER_TURN + instruction_line + QUERY_LINE.format(query=query) + DOCUMENT_START
+
+
+def prompt_for(query: str, document: str, instruction: str = "") -> str:
+    """The exact text mxbai-rerank-v2 scores for one query and one document."""
+    return prompt_head(query, instruction) + document + PROMPT_TAIL
+
+
+# The proxy's CPU goes mostly into JSON, and the template dwarfs a typical document. So the
+# classify body is written by hand: the fixed tail is JSON-escaped once here, the head once per
+# request, and only the document once per prompt.
+_escape_json = json.JSONEncoder(ensure_ascii=False).encode  # str -> '"escaped"', C-accelerated
+ESCAPED_PROMPT_TAIL = _escape_json(PROMPT_TAIL)[1:-1]
+PROMPT_OVERHEAD_CHARS = len(prompt_for("", "", "x")) - 1  # with an instruction line
+
+# Infinity refuses an input over 122,880 characters (422) and 2048 inputs in one call.
+INFINITY_MAX_INPUT_CHARS = 122_880
+INFINITY_MAX_BATCH = 2048
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Configuration: one frozen dataclass, filled from flags and environment variables here only.
+# --------------------------------------------------------------------------------------------
+
+CONNECT_TIMEOUT_SECONDS = 5.0  # an unreachable Infinity fails fast, whatever --timeout says
+PROBE_TIMEOUT_SECONDS = 5.0  # /health and /ready must answer quickly to orchestrators
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "0.0.0.0"
+    port: int = 8002
+    infinity_url: str = "http://localhost:7997/v1"
+    model: str = "michaelfeil/mxbai-rerank-base-v2-seq"
+    timeout: float = 60.0
+    batch_size: int = 256
+    max_concurrency: int = 64
+    max_documents: int = 10_000
+    max_body_size: int = 32 * 1024 * 1024
+    max_query_chars: int = 4000
+    max_doc_chars: int = 8000
+    max_chunks_per_doc: int = 10
+    instruction: str = ""
+    positive_label: str = "1"
+    api_key: str = ""
+    infinity_api_key: str = ""
+    log_level: str = "INFO"
+
+    @property
+    def infinity_origin(self) -> URL:
+        return URL(self.infinity_url).origin()
+
+    @property
+    def infinity_prefix(self) -> str:
+        return URL(self.infinity_url).path.rstrip("/")
+
+    def check(self) -> None:
+        """Raise ValueError with the flag's name for any value the proxy cannot run with."""
+
+        def at_least(flag: str, value: float, low: float) -> None:
+            if not value >= low:
+                raise ValueError(f"{flag} must be at least {low:g} (got {value:g})")
+
+        at_least("--port", self.port, 0)
+        if self.port > 65535:
+            raise ValueError(f"--port must be at most 65535 (got {self.port})")
+        if not (self.timeout > 0 and math.isfinite(self.timeout)):
+            raise ValueError(f"--timeout must be a positive number of seconds (got {self.timeout:g})")
+        at_least("--batch-size", self.batch_size, 1)
+        if self.batch_size > INFINITY_MAX_BATCH:
+            raise ValueError(
+                f"--batch-size must be at most {INFINITY_MAX_BATCH}, Infinity's "
+                f"INFINITY_MAX_CLIENT_BATCH_SIZE (got {self.batch_size})"
+            )
+        for flag, value in (
+            ("--max-concurrency", self.max_concurrency),
+            ("--max-documents", self.max_documents),
+            ("--max-body-size", self.max_body_size),
+            ("--max-query-chars", self.max_query_chars),
+            ("--max-doc-chars", self.max_doc_chars),
+            ("--max-chunks-per-doc", self.max_chunks_per_doc),
+        ):
+            at_least(flag, value, 1)
+        # The longest prompt: an instruction and a query of --max-query-chars each, one chunk.
+        longest = PROMPT_OVERHEAD_CHARS + 2 * self.max_query_chars + self.max_doc_chars
+        if longest > INFINITY_MAX_INPUT_CHARS:
+            raise ValueError(
+                f"--max-query-chars and --max-doc-chars allow prompts of {longest} characters; "
+                f"Infinity refuses inputs over {INFINITY_MAX_INPUT_CHARS} "
+                "(keep 2 * max-query-chars + max-doc-chars under about 122,000)"
+            )
+        if len(self.instruction) > self.max_query_chars:
+            raise ValueError("--instruction is longer than --max-query-chars")
+        if not self.positive_label:
+            raise ValueError("--positive-label must not be empty")
+        url = URL(self.infinity_url)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(
+                f"--infinity-url must be an http(s) URL with a host, like "
+                f"http://localhost:7997/v1 (got {self.infinity_url!r})"
+            )
+        if url.query_string or url.fragment:
+            raise ValueError("--infinity-url must not have a query or fragment")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"--log-level must be DEBUG, INFO, WARNING or ERROR (got {self.log_level!r})")
+
+
+# flag, type, help. The environment variable is the flag upper-cased with underscores.
+OPTIONS: list[tuple[str, type, str]] = [
+    ("--host", str, "address to listen on"),
+    ("--port", int, "port to listen on"),
+    ("--infinity-url", str, "Infinity's base URL including its --url-prefix"),
+    ("--model", str, "model name sent to Infinity and echoed when a request names none"),
+    ("--timeout", float, "seconds a whole rerank request may take, queueing included (else 504)"),
+    ("--batch-size", int, "prompts per /classify call (at most 2048)"),
+    ("--max-concurrency", int, "/classify calls in flight at once, over all requests"),
+    ("--max-documents", int, "documents allowed in one rerank request"),
+    ("--max-body-size", int, "bytes allowed in one request body (else 413)"),
+    ("--max-query-chars", int, "a longer query is cut to this many characters"),
+    ("--max-doc-chars", int, "a longer document is split into chunks of at most this many characters"),
+    ("--max-chunks-per-doc", int, "chunks of one document scored, when a request gives no max_chunks_per_doc"),
+    ("--instruction", str, "mxbai instruction line used when a request gives none (empty: no line)"),
+    ("--positive-label", str, "the classifier label whose probability is the relevance score"),
+    ("--api-key", str, "if set, clients must send 'Authorization: Bearer <key>'"),
+    ("--infinity-api-key", str, "bearer token the proxy sends to Infinity"),
+    ("--log-level", str, "DEBUG, INFO, WARNING or ERROR"),
+]
+SECRET_OPTIONS = {"--api-key", "--infinity-api-key"}
+
+
+def env_name(flag: str) -> str:
+    return flag.lstrip("-").upper().replace("-", "_")
+
+
+def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Flags win over environment variables, which win over the defaults."""
+    environ = dict(os.environ if environ is None else environ)
+    defaults = Config()
+    parser = argparse.ArgumentParser(
+        prog="proxy-classifier.py",
+        description="Rerank proxy: serves /rerank, /v1/rerank and /v2/rerank over Infinity's /classify "
+        "for mxbai-rerank-v2. Every option can also be set by the environment variable shown.",
+    )
+    for flag, kind, text in OPTIONS:
+        field = flag[2:].replace("-", "_")
+        default = getattr(defaults, field)
+        shown = "(unset)" if flag in SECRET_OPTIONS or default == "" else default
+        parser.add_argument(flag, type=kind, default=None, metavar=field.upper(),
+                            help=f"{text} [env {env_name(flag)}; default {shown}]")
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    for flag, kind, _ in OPTIONS:
+        field = flag[2:].replace("-", "_")
+        given = getattr(args, field)
+        if given is None and env_name(flag) in environ:
+            raw = environ[env_name(flag)]
+            try:
+                given = kind(raw)
+            except ValueError:
+                parser.error(f"environment variable {env_name(flag)}={raw!r} is not a valid {kind.__name__}")
+        if given is not None:
+            values[field] = given
+    config = Config(**values)
+    try:
+        config.check()
+    except ValueError as exc:
+        parser.error(str(exc))
+    return config
+
+
+# --------------------------------------------------------------------------------------------
+# 3. The translation, as pure functions: body -> rerank request -> prompts -> classify calls ->
+#    scores per document -> the answer for the route's shape. No I/O here.
+# --------------------------------------------------------------------------------------------
+
+
+class RerankError(Exception):
+    """Any failure the client should see; rendered as the contract's JSON by one middleware."""
+
+    TYPES: ClassVar[dict[int, str]] = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+             404: "not_found_error", 405: "method_not_allowed", 413: "request_too_large",
+             429: "rate_limit_error", 502: "upstream_error", 503: "service_unavailable",
+             504: "timeout_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        kind = self.TYPES.get(self.status, "internal_error" if self.status >= 500 else "invalid_request_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.status}}
+
+
+def bad_request(message: str, param: str | None = None) -> RerankError:
+    return RerankError(400, message, param)
+
+
+@dataclass(frozen=True)
+class RerankRequest:
+    query: str
+    documents: list[Any]  # as the client gave them: echoed back with return_documents
+    texts: list[str]  # what is scored for each document
+    top_n: int | None
+    return_documents: bool
+    model: str
+    instruction: str
+    raw_scores: bool
+    max_chunks_per_doc: int
+    max_chars_per_doc: int | None  # from max_tokens_per_doc
+
+
+def is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def optional_field(body: dict[str, Any], name: str, kind: str) -> Any:
+    """The field's value, None when absent or null, or a 400 naming it when of the wrong type."""
+    value = body.get(name)
+    if value is None:
+        return None
+    ok = {"string": isinstance(value, str), "boolean": isinstance(value, bool),
+          "integer": is_integer(value), "list": isinstance(value, list)}[kind]
+    if not ok:
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise bad_request(f"'{name}' must be {article} {kind}, got {json_type(value)}", name)
+    return value
+
+
+def json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    return "an object"
+
+
+def decode_body(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, whatever its Content-Type says (curl without -H)."""
+    if not raw.strip():
+        raise bad_request("the request body is empty; send a JSON object with 'query' and 'documents'")
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise bad_request(f"the request body must be a JSON object, got {json_type(body)}")
+    return body
+
+
+def text_of(document: Any, index: int, rank_fields: list[str] | None) -> str:
+    """What is scored for one document: a string, an object's 'text', or its rank_fields lines."""
+    if isinstance(document, str):
+        return document
+    param = f"documents[{index}]"
+    if not isinstance(document, dict):
+        raise bad_request(f"{param} must be a string or an object with 'text', got {json_type(document)}", param)
+    if rank_fields:
+        lines = [f"{field}: {as_text(document[field])}" for field in rank_fields if field in document]
+        if not lines:
+            raise bad_request(f"{param} has none of the rank_fields {rank_fields}", param)
+        return "\n".join(lines)
+    text = document.get("text")
+    if not isinstance(text, str):
+        raise bad_request(
+            f"{param} is an object without a string 'text'; give 'text' or name fields in 'rank_fields'", param
+        )
+    return text
+
+
+def as_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def parse_rerank(body: dict[str, Any], config: Config) -> RerankRequest:
+    """Check every field of a rerank body (a 400 naming the first wrong one) and normalise it."""
+    if "query" not in body or body["query"] is None:
+        raise bad_request("'query' is required", "query")
+    query = optional_field(body, "query", "string")
+    if not query.strip():
+        raise bad_request("'query' must not be empty or only whitespace", "query")
+    if "documents" not in body or body["documents"] is None:
+        raise bad_request("'documents' is required: a list of strings or objects", "documents")
+    documents = optional_field(body, "documents", "list")
+    if len(documents) > config.max_documents:
+        raise bad_request(
+            f"too many documents: {len(documents)}, at most {config.max_documents} in one request; "
+            "split them into several requests", "documents")
+    rank_fields = optional_field(body, "rank_fields", "list")
+    for i, field in enumerate(rank_fields or []):
+        if not isinstance(field, str):
+            raise bad_request(f"rank_fields[{i}] must be a string, got {json_type(field)}", f"rank_fields[{i}]")
+    top_n = optional_field(body, "top_n", "integer")
+    return_documents = optional_field(body, "return_documents", "boolean")
+    model = optional_field(body, "model", "string")
+    instruction = optional_field(body, "instruction", "string")
+    if instruction is not None and len(instruction) > config.max_query_chars:
+        raise bad_request(
+            f"'instruction' is {len(instruction)} characters, at most {config.max_query_chars}", "instruction")
+    raw_scores = optional_field(body, "raw_scores", "boolean")
+    max_chunks = optional_field(body, "max_chunks_per_doc", "integer")
+    if max_chunks is not None and max_chunks < 1:
+        raise bad_request("'max_chunks_per_doc' must be at least 1", "max_chunks_per_doc")
+    max_tokens = optional_field(body, "max_tokens_per_doc", "integer")
+    if max_tokens is not None and max_tokens < 1:
+        raise bad_request("'max_tokens_per_doc' must be at least 1", "max_tokens_per_doc")
+    texts = [text_of(document, i, rank_fields) for i, document in enumerate(documents)]
+    return RerankRequest(
+        query=query[: config.max_query_chars],
+        documents=documents,
+        texts=texts,
+        top_n=top_n if top_n is not None and 0 < top_n < len(documents) else None,
+        return_documents=bool(return_documents),
+        model=model if model is not None else config.model,
+        instruction=instruction if instruction is not None else config.instruction,
+        raw_scores=bool(raw_scores),
+        max_chunks_per_doc=max_chunks or config.max_chunks_per_doc,
+        # The proxy has no tokenizer: about 3 characters a token.
+        max_chars_per_doc=3 * max_tokens if max_tokens is not None else None,
+    )
+
+
+_WHITESPACE = re.compile(r"\s")
+
+
+def chunks_of(text: str, max_chars: int, max_chunks: int) -> list[str]:
+    """Split a long document so that no prompt is cut by the tokenizer (which would drop the task
+    suffix and make the score meaningless). A chunk ends after the last whitespace in its final
+    tenth when there is one, else at the limit; chunks do not overlap; the first ones are kept."""
+    if len(text) <= max_chars:
+        return [text]
+    chunks: list[str] = []
+    start = 0
+    while start < len(text) and len(chunks) < max_chunks:
+        end = start + max_chars
+        if end < len(text):
+            window_start = end - max(1, max_chars // 10)
+            cut = -1
+            for match in _WHITESPACE.finditer(text, window_start, end):
+                cut = match.end()
+            if cut > start:
+                end = cut
+        chunks.append(text[start:end])
+        start = end
+    return chunks
+
+
+@dataclass(frozen=True)
+class ClassifyPlan:
+    prompt_head: str  # everything before the document, the same for every prompt of the request
+    unique_texts: list[str]  # distinct document chunks: each is scored once
+    chunks_by_document: list[list[int]]  # indexes into unique_texts
+
+
+def plan_prompts(request: RerankRequest, config: Config) -> ClassifyPlan:
+    """Every document's chunks, de-duplicated: identical prompts within a request are sent once."""
+    index_of: dict[str, int] = {}
+    unique: list[str] = []
+    by_document: list[list[int]] = []
+    for text in request.texts:
+        if request.max_chars_per_doc is not None:
+            text = text[: request.max_chars_per_doc]
+        ids = []
+        for chunk in chunks_of(text, config.max_doc_chars, request.max_chunks_per_doc):
+            at = index_of.get(chunk)
+            if at is None:
+                at = index_of[chunk] = len(unique)
+                unique.append(chunk)
+            ids.append(at)
+        by_document.append(ids)
+    return ClassifyPlan(prompt_head(request.query, request.instruction), unique, by_document)
+
+
+def classify_batches(plan: ClassifyPlan, batch_size: int) -> list[range]:
+    """Which unique prompts go into each /classify call."""
+    n = len(plan.unique_texts)
+    return [range(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+
+
+def classify_body(model: str, plan: ClassifyPlan, batch: range) -> bytes:
+    """The /classify JSON body, written by hand: the template is escaped once, not per prompt.
+    Raises 400 for text JSON cannot carry as UTF-8 (a lone surrogate such as "\\ud800")."""
+    head = '"' + _escape_json(plan.prompt_head)[1:-1]
+    tail = ESCAPED_PROMPT_TAIL + '"'
+    texts = plan.unique_texts
+    parts = ",".join([head + _escape_json(texts[i])[1:-1] + tail for i in batch])
+    body = '{"model":' + _escape_json(model) + ',"input":[' + parts + "]}"
+    try:
+        return body.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request("the query, instruction, model or a document contains an unpaired "
+                          "UTF-16 surrogate (such as \\ud800), which is not text") from None
+
+
+def positive_probabilities(answer: Any, expected: int, positive_label: str) -> tuple[list[float], int]:
+    """Each input's probability of the positive label, and the call's prompt tokens.
+    Infinity sorts each item's labels by score, so the order changes: look the label up by name."""
+    if not isinstance(answer, dict) or not isinstance(answer.get("data"), list):
+        raise RerankError(502, "Infinity's /classify answer has no 'data' list")
+    data = answer["data"]
+    if len(data) != expected:
+        raise RerankError(502, f"Infinity answered {len(data)} classifications for {expected} inputs")
+    scores = []
+    for item in data:
+        score = None
+        if isinstance(item, list):
+            for label in item:
+                if isinstance(label, dict) and label.get("label") == positive_label:
+                    score = label.get("score")
+                    break
+        if score is None:
+            raise RerankError(
+                502, f"Infinity's answer has no label {positive_label!r}; is the model a two-label "
+                "mxbai-rerank-v2 -seq classifier, and is --positive-label right?")
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0.0 <= score <= 1.0:
+            raise RerankError(502, f"Infinity answered a score that is not a probability: {score!r}")
+        scores.append(float(score))
+    usage = answer.get("usage")
+    tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else 0
+    return scores, tokens if is_integer(tokens) else 0
+
+
+def log_odds(p: float) -> float:
+    """mxbai's raw score: logit_1 - logit_0 for the two-label model, kept finite."""
+    p = min(max(p, 1e-12), 1.0 - 1e-12)
+    return math.log(p) - math.log1p(-p)
+
+
+def document_scores(plan: ClassifyPlan, prompt_scores: list[float], raw_scores: bool) -> list[float]:
+    """A chunked document scores as its best chunk."""
+    best = [max(prompt_scores[i] for i in ids) for ids in plan.chunks_by_document]
+    return [log_odds(p) for p in best] if raw_scores else best
+
+
+def ranked(scores: list[float], top_n: int | None) -> list[int]:
+    """Document indexes, best first; equal scores keep the lower index first."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    return order[:top_n] if top_n is not None else order
+
+
+def search_units(documents: int) -> int:
+    return max(1, math.ceil(documents / 100))
+
+
+def answer_meta(version: str, documents: int, tokens: int) -> dict[str, Any]:
+    return {"api_version": {"version": version}, "billed_units": {"search_units": search_units(documents)},
+            "tokens": {"input_tokens": tokens, "output_tokens": 0}}
+
+
+def infinity_answer(request: RerankRequest, scores: list[float], tokens: int) -> dict[str, Any]:
+    """/rerank and /v1/rerank: what LiteLLM's infinity/ provider parses. A string document stays a
+    string (that provider needs one)."""
+    documents = request.documents
+    results = [{"relevance_score": scores[i], "index": i,
+                "document": documents[i] if request.return_documents else None}
+               for i in ranked(scores, request.top_n)]
+    return {"object": "rerank", "results": results, "model": request.model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "id": f"rerank-{uuid.uuid4()}", "created": int(time.time()),
+            "meta": answer_meta("1", len(documents), tokens)}
+
+
+def cohere_v2_answer(request: RerankRequest, scores: list[float], tokens: int) -> dict[str, Any]:
+    """/v2/rerank: what the Cohere SDK and LiteLLM's cohere/ provider parse. A document, when asked
+    for, is an object: {"text": ...} for a string (that provider rejects a string or a null)."""
+    results = []
+    for i in ranked(scores, request.top_n):
+        result: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
+        if request.return_documents:
+            document = request.documents[i]
+            result["document"] = {"text": document} if isinstance(document, str) else document
+        results.append(result)
+    return {"id": f"rerank-{uuid.uuid4()}", "results": results, "model": request.model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "meta": answer_meta("2", len(request.documents), tokens)}
+
+
+# --------------------------------------------------------------------------------------------
+# 4. The upstream client: the one place that talks to Infinity.
+# --------------------------------------------------------------------------------------------
+
+RETRY_AFTER = "Retry-After"
+
+
+def infinity_message(status: int, body: bytes) -> str:
+    """Infinity's own complaint: {"error":{"message"}} (its shape) or {"detail"} (FastAPI's)."""
+    try:
+        parsed = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        parsed = None
+    if isinstance(parsed, dict):
+        error = parsed.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return error["message"][:1000]
+        if "detail" in parsed:
+            detail = parsed["detail"]
+            return (detail if isinstance(detail, str) else json.dumps(detail, ensure_ascii=False))[:1000]
+    text = body[:300].decode("utf-8", "replace").strip()
+    return f"HTTP {status}" + (f": {text}" if text else " with an empty body")
+
+
+class Infinity:
+    """Holds the shared ClientSession, the bound on calls in flight, and the mapping of Infinity's
+    failures to the proxy's errors."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.origin = config.infinity_origin
+        self.classify_url = config.infinity_url.rstrip("/") + "/classify"
+        self.slots = asyncio.Semaphore(config.max_concurrency)
+        self.session: ClientSession | None = None
+        self.fresh_session: ClientSession | None = None
+        self.in_flight = 0  # classify calls holding a slot: the tests count them
+
+    async def open(self) -> None:
+        timeout = ClientTimeout(total=self.config.timeout, sock_connect=CONNECT_TIMEOUT_SECONDS)
+        # Room beyond --max-concurrency for probes and forwarded routes, which the semaphore does
+        # not bound; keep-alive pooling does the rest.
+        connector = TCPConnector(limit=self.config.max_concurrency + 16, limit_per_host=0,
+                                 ttl_dns_cache=300, keepalive_timeout=30)
+        self.session = ClientSession(timeout=timeout, connector=connector, auto_decompress=True,
+                                     skip_auto_headers=("User-Agent",))
+        # For the single retry after a stale keep-alive connection: this one never reuses one.
+        self.fresh_session = ClientSession(timeout=timeout, connector=TCPConnector(force_close=True))
+
+    async def close(self) -> None:
+        for session in (self.session, self.fresh_session):
+            if session is not None:
+                await session.close()
+
+    def auth_headers(self, client_authorization: str | None) -> dict[str, str]:
+        if self.config.infinity_api_key:
+            return {"Authorization": f"Bearer {self.config.infinity_api_key}"}
+        if not self.config.api_key and client_authorization:
+            return {"Authorization": client_authorization}
+        return {}
+
+    def uses_own_key(self) -> bool:
+        """A 401/403 from Infinity is the proxy's misconfiguration when the key is not the client's."""
+        return bool(self.config.infinity_api_key or self.config.api_key)
+
+    async def classify(self, body: bytes, expected: int, headers: dict[str, str]) -> tuple[list[float], int]:
+        """One /classify call: the positive label's probability for each input, and its tokens."""
+        async with self.slots:
+            self.in_flight += 1
+            try:
+                status, answer_headers, raw = await self._post(body, headers)
+            finally:
+                self.in_flight -= 1
+        if status != 200:
+            raise self.failure(status, answer_headers, raw)
+        try:
+            answer = json.loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise RerankError(502, f"Infinity's /classify answer is not JSON: {raw[:200]!r}") from None
+        return positive_probabilities(answer, expected, self.config.positive_label)
+
+    async def _post(self, body: bytes, headers: dict[str, str]) -> tuple[int, Any, bytes]:
+        headers = {"Content-Type": "application/json", **headers}
+        session = self.session
+        for attempt in (1, 2):
+            try:
+                async with session.post(self.classify_url, data=body, headers=headers) as response:
+                    return response.status, response.headers, await response.read()
+            except (client_exceptions.ServerDisconnectedError, client_exceptions.ClientOSError) as exc:
+                # A keep-alive connection that Infinity closed between two requests fails before any
+                # answer. /classify has no side effects, so it is retried once, on a new connection.
+                # Connection refused (ClientConnectorError) is not retried: it would fail again.
+                if attempt == 2 or isinstance(exc, client_exceptions.ClientConnectorError):
+                    raise self.unreachable(exc) from None
+                session = self.fresh_session
+            except client_exceptions.ClientError as exc:
+                raise self.unreachable(exc) from None
+        raise AssertionError("unreachable")
+
+    def unreachable(self, exc: BaseException) -> RerankError:
+        if isinstance(exc, client_exceptions.ServerTimeoutError):
+            if isinstance(exc, client_exceptions.ConnectionTimeoutError):
+                return RerankError(502, f"could not connect to Infinity at {self.origin} within "
+                                   f"{CONNECT_TIMEOUT_SECONDS:g} s; is --infinity-url right?")
+            return RerankError(504, f"Infinity did not answer within --timeout ({self.config.timeout:g} s)")
+        reason = str(exc) or type(exc).__name__
+        return RerankError(502, f"cannot reach Infinity at {self.classify_url}: {reason}; "
+                           "is it running and is --infinity-url right?")
+
+    def failure(self, status: int, headers: Any, raw: bytes) -> RerankError:
+        """Map Infinity's refusal to what the client should see (the contract's error table)."""
+        message = infinity_message(status, raw)
+        if status == 400:
+            return RerankError(400, f"Infinity refused the request: {message}", "model")
+        if status in (401, 403):
+            if self.uses_own_key():
+                return RerankError(502, f"Infinity refused the proxy's key ({status}: {message}); "
+                                   "check --infinity-api-key")
+            return RerankError(status, f"Infinity refused the Authorization header: {message}")
+        if status == 404:
+            return RerankError(502, f"Infinity answered 404 for {self.classify_url}; check the prefix in "
+                               "--infinity-url (it must match Infinity's --url-prefix, e.g. /v1)")
+        if status == 422:
+            return RerankError(502, f"Infinity refused a call the proxy built (422): {message}. Is "
+                               f"--batch-size ({self.config.batch_size}) above Infinity's "
+                               "INFINITY_MAX_CLIENT_BATCH_SIZE?")
+        if status == 429:
+            retry = headers.get(RETRY_AFTER)
+            return RerankError(429, f"Infinity is overloaded (429): {message}; retry later",
+                               headers={RETRY_AFTER: retry} if retry else None)
+        return RerankError(502, f"Infinity failed with {status}: {message}")
+
+    async def classify_all(self, model: str, plan: ClassifyPlan,
+                           headers: dict[str, str]) -> tuple[list[float], int, int]:
+        """All prompts of one request, in concurrent calls. The first failure cancels the others:
+        no partial answer is ever returned."""
+        batches = classify_batches(plan, self.config.batch_size)
+        if not batches:
+            return [], 0, 0
+        bodies = [classify_body(model, plan, batch) for batch in batches]  # may raise a 400: before any call
+        calls = [self.classify(body, len(batch), headers) for body, batch in zip(bodies, batches, strict=True)]
+        if len(calls) == 1:
+            results = [await calls[0]]
+        else:
+            results = await all_or_nothing(calls)
+        scores: list[float] = []
+        tokens = 0
+        for batch_scores, batch_tokens in results:
+            scores.extend(batch_scores)
+            tokens += batch_tokens
+        return scores, tokens, len(batches)
+
+    async def forward(self, method: str, raw_path: str, raw_query: str, body: bytes,
+                      headers: dict[str, str]) -> tuple[int, Any, bytes]:
+        # The configured origin, then the client's path: no request can name another host.
+        url = URL(str(self.origin) + raw_path + ("?" + raw_query if raw_query else ""), encoded=True)
+        if url.origin() != self.origin:
+            raise RerankError(404, f"no route {raw_path}")
+        try:
+            async with self.session.request(method, url, data=body or None, headers=headers) as response:
+                return response.status, response.headers, await response.read()
+        except client_exceptions.ClientError as exc:
+            raise self.unreachable(exc) from None
+        except asyncio.TimeoutError:
+            raise RerankError(504, f"Infinity did not answer within --timeout ({self.config.timeout:g} s)") from None
+
+    async def health(self) -> str:
+        """'ok', or why Infinity's /health does not answer."""
+        url = self.origin / "health"
+        try:
+            async with self.session.get(url, timeout=ClientTimeout(total=PROBE_TIMEOUT_SECONDS)) as response:
+                await response.read()
+                return "ok" if response.status == 200 else f"{url} answered {response.status}"
+        except asyncio.TimeoutError:
+            return f"{url} did not answer within {PROBE_TIMEOUT_SECONDS:g} s"
+        except client_exceptions.ClientError as exc:
+            return f"cannot reach {url}: {exc or type(exc).__name__}"
+
+
+async def all_or_nothing(calls: list[Awaitable[Any]]) -> list[Any]:
+    """Run the calls concurrently; on the first failure cancel the rest and raise it."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        return [task.result() for task in tasks]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Handlers: thin. Read, translate, call, answer.
+# --------------------------------------------------------------------------------------------
+
+CONFIG = web.AppKey("config", Config)
+INFINITY = web.AppKey("infinity", Infinity)
+REQUEST_ID = "X-Request-ID"
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
+STATS = web.RequestKey("stats", dict)  # per request: what the log line reports
+_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def upstream_headers(request: web.Request) -> dict[str, str]:
+    headers = request.app[INFINITY].auth_headers(request.headers.get("Authorization"))
+    headers[REQUEST_ID] = request[REQUEST_ID_KEY]
+    return headers
+
+
+async def rerank(request: web.Request, shape: Callable[[RerankRequest, list[float], int], dict[str, Any]]) -> web.Response:
+    config = request.app[CONFIG]
+    rerank_request = parse_rerank(decode_body(await request.read()), config)
+    stats = request[STATS]
+    stats["documents"] = len(rerank_request.documents)
+    plan = plan_prompts(rerank_request, config)
+    stats["chunks"] = len(plan.unique_texts)
+    try:
+        prompt_scores, tokens, calls = await asyncio.wait_for(
+            request.app[INFINITY].classify_all(rerank_request.model, plan, upstream_headers(request)),
+            config.timeout)
+    except asyncio.TimeoutError:
+        raise RerankError(504, f"the rerank request did not finish within --timeout ({config.timeout:g} s); "
+                          "Infinity is slow or overloaded") from None
+    stats["upstream_calls"] = calls
+    scores = document_scores(plan, prompt_scores, rerank_request.raw_scores)
+    return web.json_response(shape(rerank_request, scores, tokens))
+
+
+async def rerank_infinity_shape(request: web.Request) -> web.Response:
+    return await rerank(request, infinity_answer)
+
+
+async def rerank_cohere_v2_shape(request: web.Request) -> web.Response:
+    return await rerank(request, cohere_v2_answer)
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "upstream": await request.app[INFINITY].health()})
+
+
+async def ready(request: web.Request) -> web.Response:
+    upstream = await request.app[INFINITY].health()
+    if upstream != "ok":
+        raise RerankError(503, f"not ready: Infinity is not answering ({upstream})")
+    return web.json_response({"status": "ready"})
+
+
+async def models(request: web.Request) -> web.Response:
+    return await forwarded(request, URL(request.app[CONFIG].infinity_url).raw_path.rstrip("/") + "/models")
+
+
+async def forward(request: web.Request) -> web.Response:
+    if ".." in request.path.split("/"):  # decoded, so %2e%2e counts too
+        raise RerankError(404, f"no route {request.method} {request.path}")
+    return await forwarded(request, request.rel_url.raw_path)
+
+
+async def forwarded(request: web.Request, raw_path: str) -> web.Response:
+    """Infinity's own answer, status and body verbatim: one base URL serves embeddings too."""
+    headers = upstream_headers(request)
+    for name in ("Content-Type", "Accept"):
+        if name in request.headers:
+            headers[name] = request.headers[name]
+    status, answer_headers, body = await request.app[INFINITY].forward(
+        request.method, raw_path, request.rel_url.raw_query_string, await request.read(), headers)
+    request[STATS]["upstream_calls"] = 1
+    response = web.Response(status=status, body=body)
+    for name in ("Content-Type", RETRY_AFTER):
+        if name in answer_headers:
+            response.headers[name] = answer_headers[name]
+    return response
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Middleware, the app factory and main().
+# --------------------------------------------------------------------------------------------
+
+OPEN_PATHS = {"/health", "/ready"}  # probes answer without a key
+
+
+def bearer_matches(header: str | None, key: str) -> bool:
+    if not header:
+        return False
+    scheme, _, token = header.partition(" ")
+    # Constant-time: the comparison must not reveal how much of a guess was right.
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+@web.middleware
+async def errors_and_log(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Request id, auth, one log line per request, and every error as the contract's JSON."""
+    started = time.perf_counter()
+    incoming = request.headers.get(REQUEST_ID, "")
+    request_id = incoming if _REQUEST_ID_OK.fullmatch(incoming) else uuid.uuid4().hex
+    request[REQUEST_ID_KEY] = request_id
+    stats: dict[str, Any] = {"documents": 0, "chunks": 0, "upstream_calls": 0}
+    request[STATS] = stats
+    try:
+        config = request.app[CONFIG]
+        if config.api_key and request.path not in OPEN_PATHS and not bearer_matches(
+                request.headers.get("Authorization"), config.api_key):
+            raise RerankError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+        response = await handler(request)
+    except RerankError as exc:
+        response = error_response(exc)
+    except web.HTTPException as exc:  # aiohttp's own 404, 405, 413
+        response = error_response(RerankError(exc.status, aiohttp_message(request, exc)))
+        if exc.status == 405 and "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+    except asyncio.CancelledError:
+        log.info("request_id=%s %s %s cancelled: the client went away documents=%d ms=%.1f", request_id,
+                 request.method, request.path, stats["documents"], 1000 * (time.perf_counter() - started))
+        raise
+    except Exception:
+        log.exception("request_id=%s %s %s failed: a bug", request_id, request.method, request.path)
+        response = error_response(RerankError(500, f"internal error; quote request id {request_id}"))
+    response.headers[REQUEST_ID] = request_id
+    log.info("request_id=%s %s %s status=%d documents=%d chunks=%d upstream_calls=%d ms=%.1f", request_id,
+             request.method, request.path, response.status, stats["documents"], stats["chunks"],
+             stats["upstream_calls"], 1000 * (time.perf_counter() - started))
+    return response
+
+
+def aiohttp_message(request: web.Request, exc: web.HTTPException) -> str:
+    if exc.status == 404:
+        return f"no route {request.method} {request.path}; rerank routes are POST /rerank, /v1/rerank, /v2/rerank"
+    if exc.status == 405:
+        return f"{request.method} is not allowed on {request.path}; use {exc.headers.get('Allow', 'POST')}"
+    if exc.status == 413:
+        return (f"the request body is larger than --max-body-size ({request.app[CONFIG].max_body_size} bytes); "
+                "send fewer or shorter documents")
+    return exc.reason or f"HTTP {exc.status}"
+
+
+def error_response(exc: RerankError) -> web.Response:
+    return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
+
+
+def only(methods: tuple[str, ...], handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """Local routes answer any other method with a local 405, never by forwarding it."""
+
+    async def checked(request: web.Request) -> web.StreamResponse:
+        if request.method not in methods:
+            raise web.HTTPMethodNotAllowed(request.method, methods)
+        return await handler(request)
+
+    return checked
+
+
+def make_app(config: Config) -> web.Application:
+    app = web.Application(middlewares=[errors_and_log], client_max_size=config.max_body_size)
+    app[CONFIG] = config
+    infinity = app[INFINITY] = Infinity(config)
+
+    async def upstream_session(app: web.Application):  # type: ignore[no-untyped-def]
+        await infinity.open()
+        yield
+        await infinity.close()
+
+    app.cleanup_ctx.append(upstream_session)
+    get = ("GET", "HEAD")
+    routes = [("/rerank", ("POST",), rerank_infinity_shape), ("/v1/rerank", ("POST",), rerank_infinity_shape),
+              ("/v2/rerank", ("POST",), rerank_cohere_v2_shape), ("/health", get, health),
+              ("/ready", get, ready), ("/models", get, models), ("/v1/models", get, models)]
+    for path, methods, handler in routes:
+        app.router.add_route("*", path, only(methods, handler))
+    prefix = config.infinity_prefix
+    app.router.add_route("*", prefix + "/{tail:.*}", forward)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = load_config(argv)
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    log.info("listening on %s:%d, Infinity at %s, model %s", config.host, config.port, config.infinity_url,
+             config.model)
+    web.run_app(make_app(config), host=config.host, port=config.port, access_log=None, print=None,
+                handler_cancellation=True,
+                # SIGTERM/SIGINT: stop accepting, let requests in flight finish within their own deadline.
+                shutdown_timeout=config.timeout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

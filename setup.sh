@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Make .venv and install what the proxy needs; with --dev, also everything the tests and the
+# benchmark need (the end-to-end tier pulls torch: about 1.4 GB and a minute or two).
+# Safe to run again: it reuses .venv and pip skips what is already installed.
+set -euo pipefail
+
+usage() {
+    echo "usage: ./setup.sh [--dev]"
+    echo "  (no option)  .venv with the proxy's runtime requirements (aiohttp)"
+    echo "  --dev        also the test and benchmark requirements, the end-to-end tier's included"
+}
+
+dev=0
+for arg in "$@"; do
+    case "$arg" in
+        --dev) dev=1 ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "setup.sh: unknown option '$arg'" >&2; usage >&2; exit 2 ;;
+    esac
+done
+
+cd "$(dirname "$0")"
+python="${PYTHON:-python3}"
+
+if ! command -v "$python" >/dev/null 2>&1; then
+    echo "setup.sh: '$python' not found; install Python 3.10 or newer, or set PYTHON=/path/to/python3" >&2
+    exit 1
+fi
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
+    echo "setup.sh: Python 3.10 or newer is needed; '$python' is $("$python" --version 2>&1)" >&2
+    exit 1
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    echo "==> creating .venv with $("$python" --version 2>&1)"
+    "$python" -m venv .venv
+fi
+pip=(.venv/bin/python -m pip install --disable-pip-version-check --quiet)
+
+echo "==> installing runtime requirements (requirements.txt)"
+"${pip[@]}" -r requirements.txt
+
+if [ "$dev" = 1 ]; then
+    echo "==> installing test and benchmark requirements (requirements-dev.txt)"
+    "${pip[@]}" -r requirements-dev.txt
+    echo "==> installing the end-to-end tier (requirements-e2e.txt: torch CPU, infinity-emb, litellm, cohere)"
+    # torch first and on its own, pinned: nothing else may pick a (multi-GB, CUDA) torch for us.
+    "${pip[@]}" "$(grep -E '^torch==' requirements-e2e.txt)"
+    "${pip[@]}" -r requirements-e2e.txt
+fi
+
+echo "==> done. Run the proxy:  .venv/bin/python proxy-classifier.py --infinity-url http://localhost:7997/v1"
+if [ "$dev" = 1 ]; then
+    echo "    Run the tests:      .venv/bin/python -m pytest"
+fi
