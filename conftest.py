@@ -34,7 +34,7 @@ MAX_INPUT_CHARS = 122_880
 
 def document_in(prompt: str) -> str:
     """The document part of a prompt the proxy built (Infinity strips the prompt's two ends)."""
-    head, _, rest = prompt.partition("\ndocument: ")
+    _, _, rest = prompt.partition("\ndocument: ")
     return rest[: len(rest) - len(proxy.PROMPT_TAIL.strip())].removesuffix("\n") if rest else prompt
 
 

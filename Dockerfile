@@ -1,0 +1,29 @@
+# The rerank proxy: one Python file and aiohttp, on a slim image, as a non-root user.
+FROM python:3.12-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+RUN useradd --create-home --uid 10001 proxy
+WORKDIR /app
+
+# Requirements first, in their own layer: a change to the code does not reinstall them.
+COPY requirements.txt ./
+RUN pip install -r requirements.txt
+
+COPY proxy-classifier.py ./
+
+USER proxy
+EXPOSE 8002
+# Every option is an environment variable too (INFINITY_URL, MODEL, BATCH_SIZE, API_KEY, ...).
+ENV INFINITY_URL=http://infinity:7997/v1
+
+# Slim images have no curl: the probe uses Python's standard library.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=5s --retries=3 \
+    CMD ["python", "-c", "import urllib.request, sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8002/health', timeout=4).status != 200)"]
+
+# SIGTERM stops accepting, lets requests in flight finish (up to --timeout), then exits.
+STOPSIGNAL SIGTERM
+CMD ["python", "proxy-classifier.py"]

@@ -1,0 +1,885 @@
+"""The fast tier: every promise of ../shared/CONTRACT.md, against a fake Infinity (conftest.py).
+
+Each test is one promise, named for it. The fake answers like infinity_emb 0.0.78 as measured;
+test_e2e.py checks the same chain against the real server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp import web
+from aioresponses import aioresponses
+from yarl import URL
+
+from conftest import ROOT, SERVED_MODEL, document_in, free_port, hashed_probability, proxy
+
+QUERY = "What is the capital of the United States?"
+DOCUMENTS = [
+    "Carson City is the capital city of the American state of Nevada.",
+    "The Commonwealth of the Northern Mariana Islands is a group of islands in the Pacific Ocean. Its capital is Saipan.",
+    "Washington, D.C. is the capital of the United States.",
+    "Capital punishment has existed in the United States since before it was a country.",
+]
+# The prompt for DOCUMENTS[2], written out by hand from mxbai-rerank-v2's trained template.
+EXPECTED_PROMPT = (
+    "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+    "<|im_start|>user\n"
+    "query: What is the capital of the United States?\n"
+    "document: Washington, D.C. is the capital of the United States.\n"
+    "You are a search relevance expert who evaluates how well documents match search queries. For each "
+    "query-document pair, carefully analyze the semantic relationship between them, then provide your binary "
+    "relevance judgment (0 for not relevant, 1 for relevant).\nRelevance:<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+
+
+def scores_by_document(fake: Any, table: dict[str, float], default: float = 0.5) -> None:
+    """Make the fake score each prompt by the document inside it."""
+    fake.score = lambda prompt: table.get(document_in(prompt), default)
+
+
+async def rerank(client: Any, body: Any, path: str = "/v1/rerank", **kwargs: Any) -> tuple[int, Any]:
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    response = await client.post(path, data=data, **kwargs)
+    return response.status, await response.json()
+
+
+def assert_error(status: int, answer: Any, expected_status: int, *words: str, param: str | None = None) -> None:
+    assert status == expected_status, answer
+    error = answer["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == expected_status
+    assert error["param"] == param
+    for word in words:
+        assert word.lower() in error["message"].lower(), (word, error["message"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The prompt
+# ---------------------------------------------------------------------------------------------
+
+
+def test_prompt_is_mxbai_rerank_v2_trained_template_character_for_character() -> None:
+    assert proxy.prompt_for(QUERY, DOCUMENTS[2]) == EXPECTED_PROMPT
+
+
+def test_prompt_with_instruction_has_instruction_line_before_query() -> None:
+    prompt = proxy.prompt_for("q", "d", "Find the legal passage")
+    assert "<|im_start|>user\ninstruction: Find the legal passage\nquery: q\ndocument: d\nYou are" in prompt
+    assert proxy.prompt_for("q", "d", "") == proxy.prompt_for("q", "d")
+
+
+async def test_upstream_receives_the_exact_prompts(client: Any, fake_infinity: Any) -> None:
+    status, _ = await rerank(client, {"query": QUERY, "documents": DOCUMENTS})
+    assert status == 200
+    assert fake_infinity.inputs == [proxy.prompt_for(QUERY, d) for d in DOCUMENTS]
+    assert fake_infinity.inputs[2] == EXPECTED_PROMPT
+    assert fake_infinity.classify_bodies[0]["model"] == SERVED_MODEL
+
+
+async def test_upstream_receives_instruction_from_request_or_default(make_proxy: Any, fake_infinity: Any) -> None:
+    client = await make_proxy(instruction="Default instruction")
+    await rerank(client, {"query": "q", "documents": ["d"]})
+    await rerank(client, {"query": "q", "documents": ["d"], "instruction": "Own instruction"})
+    await rerank(client, {"query": "q", "documents": ["d"], "instruction": ""})
+    assert fake_infinity.inputs == [proxy.prompt_for("q", "d", "Default instruction"),
+                                    proxy.prompt_for("q", "d", "Own instruction"), proxy.prompt_for("q", "d")]
+
+
+@pytest.mark.parametrize("text", ['quote " and \\ backslash', "line\nbreak\ttab", "unicode é 漢字 🦀", "nul \x00 char",
+                                  "\u2028 separators \u2029", "</script>{}[]"])
+def test_hand_written_classify_body_is_the_json_of_the_prompts(text: str) -> None:
+    request = proxy.parse_rerank({"query": text, "documents": [text, "x"], "instruction": text}, proxy.Config())
+    plan = proxy.plan_prompts(request, proxy.Config())
+    body = json.loads(proxy.classify_body("m", plan, range(2)))
+    assert body == {"model": "m", "input": [proxy.prompt_for(text, text, text), proxy.prompt_for(text, "x", text)]}
+
+
+async def test_text_goes_into_the_prompt_verbatim_without_stripping(client: Any, fake_infinity: Any) -> None:
+    await rerank(client, {"query": "  padded query \n", "documents": ["\tpadded doc  "]})
+    assert fake_infinity.classify_bodies[0]["input"] == [proxy.prompt_for("  padded query \n", "\tpadded doc  ")]
+
+
+async def test_blank_documents_are_scored_and_never_sent_as_empty_input(client: Any, fake_infinity: Any) -> None:
+    status, answer = await rerank(client, {"query": "q", "documents": ["", "   ", "\n"]})
+    assert status == 200
+    assert sorted(r["index"] for r in answer["results"]) == [0, 1, 2]
+    assert fake_infinity.empty_inputs == 0
+    assert all(text.strip() for text in fake_infinity.inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_score_is_positive_label_probability_whatever_the_label_order(client: Any, fake_infinity: Any) -> None:
+    # The fake, like Infinity, sorts labels by score: "1" comes first for 0.9 and last for 0.2.
+    scores_by_document(fake_infinity, {"hi": 0.9, "lo": 0.2})
+    status, answer = await rerank(client, {"query": "q", "documents": ["lo", "hi"]})
+    assert status == 200
+    assert [(r["index"], r["relevance_score"]) for r in answer["results"]] == [(1, 0.9), (0, 0.2)]
+
+
+def test_positive_probability_is_looked_up_by_label_name() -> None:
+    answer = {"data": [[{"label": "0", "score": 0.7}, {"label": "1", "score": 0.3}],
+                       [{"label": "1", "score": 0.6}, {"label": "0", "score": 0.4}]],
+              "usage": {"prompt_tokens": 12, "total_tokens": 12}}
+    assert proxy.positive_probabilities(answer, 2, "1") == ([0.3, 0.6], 12)
+    assert proxy.positive_probabilities(answer, 2, "0") == ([0.7, 0.4], 12)
+
+
+async def test_raw_scores_are_log_odds_of_the_positive_label(client: Any, fake_infinity: Any) -> None:
+    scores_by_document(fake_infinity, {"a": 0.8, "b": 0.5, "c": 0.1})
+    status, answer = await rerank(client, {"query": "q", "documents": ["a", "b", "c"], "raw_scores": True})
+    assert status == 200
+    got = {r["index"]: r["relevance_score"] for r in answer["results"]}
+    assert got[0] == pytest.approx(math.log(4))
+    assert got[1] == pytest.approx(0.0)
+    assert got[2] == pytest.approx(math.log(0.1 / 0.9))
+
+
+def test_raw_score_of_certainty_is_finite() -> None:
+    assert proxy.log_odds(1.0) == pytest.approx(math.log(1 - 1e-12) - math.log(1e-12))
+    assert proxy.log_odds(0.0) == pytest.approx(-proxy.log_odds(1.0))
+    assert math.isfinite(proxy.log_odds(1.0))
+
+
+async def test_results_sorted_by_score_and_ties_keep_lower_index_first(client: Any, fake_infinity: Any) -> None:
+    scores_by_document(fake_infinity, {"a": 0.3, "b": 0.7, "c": 0.3, "d": 0.7, "e": 0.9})
+    _, answer = await rerank(client, {"query": "q", "documents": ["a", "b", "c", "d", "e"]})
+    assert [r["index"] for r in answer["results"]] == [4, 1, 3, 0, 2]
+
+
+@pytest.mark.parametrize(("top_n", "expected"), [(None, 4), (0, 4), (-3, 4), (1, 1), (3, 3), (4, 4), (99, 4)])
+async def test_top_n_keeps_the_best_n_and_means_all_when_absent_nonpositive_or_large(
+        client: Any, fake_infinity: Any, top_n: int | None, expected: int) -> None:
+    scores_by_document(fake_infinity, {d: s for d, s in zip(DOCUMENTS, [0.2, 0.1, 0.9, 0.4], strict=True)})
+    body: dict[str, Any] = {"query": QUERY, "documents": DOCUMENTS}
+    if top_n is not None:
+        body["top_n"] = top_n
+    _, answer = await rerank(client, body)
+    assert [r["index"] for r in answer["results"]] == [2, 3, 0, 1][:expected]
+
+
+async def test_null_optional_fields_mean_absent(client: Any) -> None:
+    status, answer = await rerank(client, {
+        "query": "q", "documents": ["a", "b"], "top_n": None, "return_documents": None, "model": None,
+        "instruction": None, "raw_scores": None, "rank_fields": None, "max_chunks_per_doc": None,
+        "max_tokens_per_doc": None})
+    assert status == 200
+    assert len(answer["results"]) == 2
+    assert answer["model"] == SERVED_MODEL
+    assert all(r["document"] is None for r in answer["results"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Answer shapes
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/rerank", "/v1/rerank"])
+async def test_infinity_shaped_answer(client: Any, fake_infinity: Any, path: str) -> None:
+    scores_by_document(fake_infinity, {d: s for d, s in zip(DOCUMENTS, [0.2, 0.1, 0.9, 0.4], strict=True)})
+    before = int(time.time())
+    status, answer = await rerank(client, {"query": QUERY, "documents": DOCUMENTS, "top_n": 2,
+                                           "model": "michaelfeil/mxbai-rerank-large-v2-seq"}, path)
+    assert status == 200
+    tokens = sum(len(p.strip()) for p in fake_infinity.inputs)  # the fake counts characters, as Infinity does
+    assert answer["object"] == "rerank"
+    assert answer["results"] == [{"relevance_score": 0.9, "index": 2, "document": None},
+                                 {"relevance_score": 0.4, "index": 3, "document": None}]
+    assert answer["model"] == "michaelfeil/mxbai-rerank-large-v2-seq"
+    assert fake_infinity.classify_bodies[0]["model"] == "michaelfeil/mxbai-rerank-large-v2-seq"
+    assert answer["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+    assert re.fullmatch(r"rerank-[0-9a-f-]{36}", answer["id"]) and uuid.UUID(answer["id"][7:]).version == 4
+    assert before <= answer["created"] <= time.time() + 1
+    assert answer["meta"] == {"api_version": {"version": "1"}, "billed_units": {"search_units": 1},
+                              "tokens": {"input_tokens": tokens, "output_tokens": 0}}
+    assert list(answer) == ["object", "results", "model", "usage", "id", "created", "meta"]
+
+
+async def test_cohere_v2_shaped_answer(client: Any, fake_infinity: Any) -> None:
+    scores_by_document(fake_infinity, {d: s for d, s in zip(DOCUMENTS, [0.2, 0.1, 0.9, 0.4], strict=True)})
+    status, answer = await rerank(client, {"query": QUERY, "documents": DOCUMENTS, "top_n": 2}, "/v2/rerank")
+    assert status == 200
+    tokens = sum(len(p.strip()) for p in fake_infinity.inputs)
+    assert answer["results"] == [{"index": 2, "relevance_score": 0.9}, {"index": 3, "relevance_score": 0.4}]
+    assert answer["model"] == SERVED_MODEL
+    assert answer["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+    assert answer["meta"] == {"api_version": {"version": "2"}, "billed_units": {"search_units": 1},
+                              "tokens": {"input_tokens": tokens, "output_tokens": 0}}
+    assert re.fullmatch(r"rerank-[0-9a-f-]{36}", answer["id"])
+    assert set(answer) == {"id", "results", "model", "usage", "meta"}
+
+
+async def test_return_documents_echoes_documents_as_given_on_v1(client: Any, fake_infinity: Any) -> None:
+    documents = ["plain", {"text": "object", "id": 7}]
+    scores_by_document(fake_infinity, {"plain": 0.9, "object": 0.1})
+    _, answer = await rerank(client, {"query": "q", "documents": documents, "return_documents": True})
+    assert [r["document"] for r in answer["results"]] == ["plain", {"text": "object", "id": 7}]
+
+
+async def test_return_documents_gives_objects_on_v2(client: Any, fake_infinity: Any) -> None:
+    documents = ["plain", {"text": "object", "id": 7}]
+    scores_by_document(fake_infinity, {"plain": 0.9, "object": 0.1})
+    _, answer = await rerank(client, {"query": "q", "documents": documents, "return_documents": True}, "/v2/rerank")
+    assert [r["document"] for r in answer["results"]] == [{"text": "plain"}, {"text": "object", "id": 7}]
+
+
+def test_search_units_are_per_hundred_documents_at_least_one() -> None:
+    assert [proxy.search_units(n) for n in (0, 1, 100, 101, 250, 10_000)] == [1, 1, 1, 2, 3, 100]
+
+
+async def test_usage_sums_prompt_tokens_over_calls_and_counts_missing_usage_as_zero(
+        make_proxy: Any, fake_infinity: Any) -> None:
+    client = await make_proxy(batch_size=2)
+    _, answer = await rerank(client, {"query": "q", "documents": ["a", "b", "c"]})
+    assert len(fake_infinity.classify_bodies) == 2
+    assert answer["usage"]["prompt_tokens"] == sum(len(p.strip()) for p in fake_infinity.inputs)
+    answer_without_usage = {"data": [[{"label": "1", "score": 0.5}, {"label": "0", "score": 0.5}]]}
+    assert proxy.positive_probabilities(answer_without_usage, 1, "1") == ([0.5], 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents as objects, rank_fields
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_rank_fields_score_field_lines_in_the_given_order(client: Any, fake_infinity: Any) -> None:
+    documents = [{"title": "Paris", "body": "Capital of France", "year": 2024, "tags": ["a", "b"]},
+                 {"body": "only body"}, "a string document"]
+    status, answer = await rerank(client, {"query": "q", "documents": documents,
+                                           "rank_fields": ["title", "body", "tags"], "return_documents": True})
+    assert status == 200
+    assert [document_in(p.strip()) for p in fake_infinity.inputs] == [
+        'title: Paris\nbody: Capital of France\ntags: ["a","b"]', "body: only body", "a string document"]
+    assert {r["index"]: r["document"] for r in answer["results"]}[0] == documents[0]
+
+
+async def test_rank_fields_empty_list_is_the_same_as_absent(client: Any, fake_infinity: Any) -> None:
+    await rerank(client, {"query": "q", "documents": [{"text": "t", "title": "x"}], "rank_fields": []})
+    assert document_in(fake_infinity.inputs[0].strip()) == "t"
+
+
+async def test_rank_fields_document_with_none_of_them_is_400_naming_it(client: Any) -> None:
+    status, answer = await rerank(client, {"query": "q", "documents": [{"title": "a"}, {"other": 1}],
+                                           "rank_fields": ["title"]})
+    assert_error(status, answer, 400, "documents[1]", "rank_fields", param="documents[1]")
+
+
+async def test_object_document_without_text_is_400_naming_it(client: Any) -> None:
+    status, answer = await rerank(client, {"query": "q", "documents": ["ok", {"title": "no text"}]})
+    assert_error(status, answer, 400, "documents[1]", "text", param="documents[1]")
+
+
+# ---------------------------------------------------------------------------------------------
+# Long inputs: chunks, cuts, de-duplication, batches
+# ---------------------------------------------------------------------------------------------
+
+
+def test_chunks_end_after_last_whitespace_in_their_final_tenth() -> None:
+    text = "a" * 95 + " " + "b" * 50  # the space is at index 95, inside the last tenth of 100
+    assert proxy.chunks_of(text, 100, 10) == ["a" * 95 + " ", "b" * 50]
+
+
+def test_chunks_are_cut_at_the_limit_without_whitespace_near_it() -> None:
+    text = "a" * 50 + " " + "b" * 200  # whitespace only at index 50, not in the last tenth
+    assert proxy.chunks_of(text, 100, 10) == [text[:100], text[100:200], text[200:]]
+
+
+def test_chunks_do_not_overlap_and_only_the_first_are_kept() -> None:
+    text = " ".join(f"w{i:04d}" for i in range(2000))
+    chunks = proxy.chunks_of(text, 500, 10)
+    assert len(chunks) == 10
+    assert "".join(chunks) == text[: sum(len(c) for c in chunks)]
+    assert all(len(c) <= 500 for c in chunks)
+    assert proxy.chunks_of("short", 500, 10) == ["short"]
+
+
+async def test_long_document_scores_as_its_best_chunk(make_proxy: Any, fake_infinity: Any) -> None:
+    client = await make_proxy(max_doc_chars=100)
+    long_doc = "x" * 100 + "best" + "y" * 96 + "z" * 50
+    fake_infinity.score = lambda prompt: 0.95 if "best" in prompt else 0.25
+    status, answer = await rerank(client, {"query": "q", "documents": ["short", long_doc]})
+    assert status == 200
+    assert [document_in(p.strip()) for p in fake_infinity.inputs] == [
+        "short", "x" * 100, "best" + "y" * 96, "z" * 50]
+    assert answer["results"][0] == {"relevance_score": 0.95, "index": 1, "document": None}
+
+
+async def test_no_prompt_exceeds_infinity_limit_or_loses_its_suffix(client: Any, fake_infinity: Any) -> None:
+    spaced = " ".join(f"word{i}" for i in range(40_000))  # 308,889 characters: more than Infinity accepts
+    unspaced = "".join(str(i) for i in range(30_000))  # 138,890 characters without any whitespace
+    status, _ = await rerank(client, {"query": "q" * 10_000, "documents": [spaced, unspaced],
+                                      "instruction": "i" * 4000})
+    assert status == 200
+    assert fake_infinity.inputs
+    for prompt in fake_infinity.inputs:
+        assert len(prompt) <= 122_880
+        assert prompt.endswith(proxy.PROMPT_TAIL)
+    # Each document gave at most --max-chunks-per-doc (10) chunks of at most --max-doc-chars (8000).
+    assert len(fake_infinity.inputs) == 20
+
+
+async def test_max_chunks_per_doc_from_request_bounds_chunks(make_proxy: Any, fake_infinity: Any) -> None:
+    client = await make_proxy(max_doc_chars=10)
+    await rerank(client, {"query": "q", "documents": ["a" * 10 + "b" * 10 + "c" * 10], "max_chunks_per_doc": 2})
+    assert [document_in(p.strip()) for p in fake_infinity.inputs] == ["a" * 10, "b" * 10]
+
+
+async def test_max_tokens_per_doc_cuts_documents_to_three_characters_a_token(client: Any, fake_infinity: Any) -> None:
+    await rerank(client, {"query": "q", "documents": ["abcdefghijklmnop"], "max_tokens_per_doc": 4})
+    assert document_in(fake_infinity.inputs[0].strip()) == "abcdefghijkl"
+
+
+async def test_query_is_cut_to_max_query_chars(make_proxy: Any, fake_infinity: Any) -> None:
+    client = await make_proxy(max_query_chars=5)
+    await rerank(client, {"query": "0123456789", "documents": ["d"]})
+    assert fake_infinity.inputs == [proxy.prompt_for("01234", "d")]
+
+
+async def test_instruction_longer_than_max_query_chars_is_400(make_proxy: Any) -> None:
+    client = await make_proxy(max_query_chars=5)
+    status, answer = await rerank(client, {"query": "q", "documents": ["d"], "instruction": "too long"})
+    assert_error(status, answer, 400, "instruction", "at most 5", param="instruction")
+
+
+async def test_identical_prompts_are_sent_once_and_share_their_score(client: Any, fake_infinity: Any) -> None:
+    status, answer = await rerank(client, {"query": "q", "documents": ["same", "other", "same", {"text": "same"}]})
+    assert status == 200
+    assert [document_in(p.strip()) for p in fake_infinity.inputs] == ["same", "other"]
+    scores = {r["index"]: r["relevance_score"] for r in answer["results"]}
+    assert scores[0] == scores[2] == scores[3] == hashed_probability(proxy.prompt_for("q", "same").strip())
+
+
+async def test_more_documents_than_batch_size_go_in_several_calls_in_order(make_proxy: Any, fake_infinity: Any) -> None:
+    client = await make_proxy(batch_size=3)
+    documents = [f"doc {i}" for i in range(10)]
+    status, answer = await rerank(client, {"query": "q", "documents": documents})
+    assert status == 200
+    assert [len(b["input"]) for b in fake_infinity.classify_bodies] == [3, 3, 3, 1]
+    expected = {i: hashed_probability(proxy.prompt_for("q", d).strip()) for i, d in enumerate(documents)}
+    assert {r["index"]: r["relevance_score"] for r in answer["results"]} == expected
+
+
+async def test_more_documents_than_infinity_accepts_in_one_call(make_proxy: Any, fake_infinity: Any) -> None:
+    client = await make_proxy(batch_size=2048)
+    documents = [f"d{i}" for i in range(5000)]
+    status, answer = await rerank(client, {"query": "q", "documents": documents, "top_n": 3})
+    assert status == 200
+    assert sorted(len(b["input"]) for b in fake_infinity.classify_bodies) == [904, 2048, 2048]
+    expected = sorted(range(5000), key=lambda i: (-hashed_probability(proxy.prompt_for("q", documents[i]).strip()), i))
+    assert [r["index"] for r in answer["results"]] == expected[:3]
+
+
+async def test_empty_documents_answer_no_results_without_calling_infinity(client: Any, fake_infinity: Any) -> None:
+    status, answer = await rerank(client, {"query": "q", "documents": []}, "/v2/rerank")
+    assert status == 200
+    assert answer["results"] == []
+    assert answer["usage"] == {"prompt_tokens": 0, "total_tokens": 0}
+    assert fake_infinity.classify_bodies == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Request validation: every field, 400 naming it
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("change", "param", "words"), [
+    ({"query": None}, "query", ["required"]),
+    ({"query": 3}, "query", ["string"]),
+    ({"query": ""}, "query", ["empty"]),
+    ({"query": "  \n\t"}, "query", ["whitespace"]),
+    ({"documents": None}, "documents", ["required"]),
+    ({"documents": "a"}, "documents", ["list"]),
+    ({"documents": [1]}, "documents[0]", ["string"]),
+    ({"documents": ["a", None]}, "documents[1]", ["string"]),
+    ({"top_n": "3"}, "top_n", ["integer"]),
+    ({"top_n": True}, "top_n", ["integer"]),
+    ({"top_n": 3.0}, "top_n", ["integer"]),
+    ({"return_documents": "yes"}, "return_documents", ["boolean"]),
+    ({"return_documents": 1}, "return_documents", ["boolean"]),
+    ({"model": 7}, "model", ["string"]),
+    ({"instruction": ["x"]}, "instruction", ["string"]),
+    ({"raw_scores": "true"}, "raw_scores", ["boolean"]),
+    ({"rank_fields": "title"}, "rank_fields", ["list"]),
+    ({"rank_fields": [1]}, "rank_fields[0]", ["string"]),
+    ({"max_chunks_per_doc": 0}, "max_chunks_per_doc", ["at least 1"]),
+    ({"max_chunks_per_doc": "2"}, "max_chunks_per_doc", ["integer"]),
+    ({"max_tokens_per_doc": -1}, "max_tokens_per_doc", ["at least 1"]),
+    ({"max_tokens_per_doc": 1.5}, "max_tokens_per_doc", ["integer"]),
+])
+async def test_mistyped_or_missing_field_is_400_naming_it(
+        client: Any, fake_infinity: Any, change: dict[str, Any], param: str, words: list[str]) -> None:
+    body = {"query": "q", "documents": ["a", "b"], **change}
+    body = {k: v for k, v in body.items() if not (k in ("query", "documents") and v is None)}
+    status, answer = await rerank(client, body)
+    assert_error(status, answer, 400, param.split("[")[0], *words, param=param)
+    assert fake_infinity.classify_bodies == []
+
+
+async def test_every_field_is_checked_before_empty_documents_answer(client: Any) -> None:
+    status, answer = await rerank(client, {"query": "q", "documents": [], "top_n": "3"})
+    assert_error(status, answer, 400, "top_n", param="top_n")
+
+
+@pytest.mark.parametrize(("body", "words"), [
+    (b"", ["empty"]), (b"not json", ["not valid JSON"]), (b"[1, 2]", ["object", "list"]),
+    (b'"text"', ["object"]), (b"\xff\xfe\x00", ["not valid JSON"]), (b"[" * 100_000 + b"]" * 100_000, ["nested"]),
+])
+async def test_body_that_is_not_a_json_object_is_400(client: Any, body: bytes, words: list[str]) -> None:
+    status, answer = await rerank(client, body)
+    assert_error(status, answer, 400, *words, param=None)
+
+
+async def test_body_is_json_whatever_its_content_type(client: Any) -> None:
+    body = json.dumps({"query": "q", "documents": ["a"]})
+    for content_type in ("application/x-www-form-urlencoded", "text/plain", None):
+        headers = {"Content-Type": content_type} if content_type else {}
+        status, answer = await rerank(client, body, headers=headers)
+        assert status == 200 and len(answer["results"]) == 1
+
+
+async def test_too_many_documents_is_400(make_proxy: Any, fake_infinity: Any) -> None:
+    client = await make_proxy(max_documents=3)
+    status, answer = await rerank(client, {"query": "q", "documents": ["a"] * 4})
+    assert_error(status, answer, 400, "too many documents", "4", "at most 3", param="documents")
+    assert fake_infinity.classify_bodies == []
+
+
+async def test_lone_surrogate_is_400_not_sent_upstream(client: Any, fake_infinity: Any) -> None:
+    status, answer = await rerank(client, b'{"query": "q", "documents": ["bad \\ud800 text"]}')
+    assert_error(status, answer, 400, "surrogate")
+    assert fake_infinity.classify_bodies == []
+
+
+async def test_unknown_fields_are_ignored(client: Any) -> None:
+    status, answer = await rerank(client, {"query": "q", "documents": ["a"], "priority": 1, "extra": {"x": 1}})
+    assert status == 200 and len(answer["results"]) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Upstream failures: each row of the contract's error table
+# ---------------------------------------------------------------------------------------------
+
+
+def answer_with(status: int, body: Any, headers: dict[str, str] | None = None, raw: bool = False) -> Any:
+    async def fault(request: web.Request) -> web.Response:
+        if raw:
+            return web.Response(status=status, text=body, content_type="text/html", headers=headers)
+        return web.json_response(body, status=status, headers=headers)
+
+    return fault
+
+
+async def test_infinity_400_about_the_model_is_400_with_its_message(client: Any, fake_infinity: Any) -> None:
+    fake_infinity.models = ["model-a", "model-b"]  # several models: the model field must match one
+    status, answer = await rerank(client, {"query": "q", "documents": ["a"], "model": "model-c"})
+    assert_error(status, answer, 400, "Infinity", "Invalid model: model-c", param="model")
+
+
+async def test_infinity_401_to_the_clients_key_is_401_with_its_message(client: Any, fake_infinity: Any) -> None:
+    fake_infinity.api_key = "right"
+    status, answer = await rerank(client, {"query": "q", "documents": ["a"]}, headers={"Authorization": "Bearer wrong"})
+    assert_error(status, answer, 401, "Unauthorized")
+    status, _ = await rerank(client, {"query": "q", "documents": ["a"]}, headers={"Authorization": "Bearer right"})
+    assert status == 200
+    assert fake_infinity.classify_headers[-1]["Authorization"] == "Bearer right"
+
+
+async def test_infinity_403_to_the_clients_key_is_403(client: Any, fake_infinity: Any) -> None:
+    fake_infinity.fault = answer_with(403, {"detail": "Forbidden"})
+    status, answer = await rerank(client, {"query": "q", "documents": ["a"]})
+    assert_error(status, answer, 403, "Forbidden")
+
+
+async def test_infinity_401_to_the_proxys_own_key_is_502(make_proxy: Any, fake_infinity: Any) -> None:
+    fake_infinity.api_key = "right"
+    client = await make_proxy(infinity_api_key="wrong")
+    status, answer = await rerank(client, {"query": "q", "documents": ["a"]})
+    assert_error(status, answer, 502, "--infinity-api-key", "Unauthorized")
+
+
+async def test_infinity_404_is_502_with_prefix_hint(make_proxy: Any, fake_infinity: Any) -> None:
+    client = await make_proxy(infinity_url=fake_infinity.url.replace("/v1", "/v2"))
+    status, answer = await rerank(client, {"query": "q", "documents": ["a"]})
+    assert_error(status, answer, 502, "404", "prefix", "--infinity-url")
+
+
+async def test_infinity_422_is_502_with_its_detail_and_a_hint(client: Any, fake_infinity: Any) -> None:
+    fake_infinity.fault = answer_with(422, {"detail": [{"msg": "List should have at most 2048 items"}]})
+    status, answer = await rerank(client, {"query": "q", "documents": ["a"]})
+    assert_error(status, answer, 502, "422", "at most 2048 items", "--batch-size")
+
+
+@pytest.mark.parametrize(("headers", "retry_after"), [({"Retry-After": "7"}, "7"), (None, None)])
+async def test_infinity_429_is_429_with_its_retry_after(
+        client: Any, fake_infinity: Any, headers: dict[str, str] | None, retry_after: str | None) -> None:
+    fake_infinity.fault = answer_with(429, {"error": {"message": "queue full"}}, headers)
+    response = await client.post("/v1/rerank", json={"query": "q", "documents": ["a"]})
+    assert_error(response.status, await response.json(), 429, "queue full")
+    assert response.headers.get("Retry-After") == retry_after
+
+
+@pytest.mark.parametrize("upstream_status", [500, 502, 503, 418])
+async def test_infinity_5xx_or_other_status_is_502(client: Any, fake_infinity: Any, upstream_status: int) -> None:
+    fake_infinity.fault = answer_with(upstream_status, {"error": {"message": "engine exploded"}})
+    status, answer = await rerank(client, {"query": "q", "documents": ["a"]})
+    assert_error(status, answer, 502, str(upstream_status), "engine exploded")
+
+
+@pytest.mark.parametrize(("body", "words"), [
+    ({"data": []}, ["0 classifications for 2"]),
+    ({"nodata": 1}, ["no 'data'"]),
+    ({"data": [[{"label": "0", "score": 1.0}]] * 2}, ["no label '1'"]),
+    ({"data": [[{"label": "1", "score": 1.5}]] * 2}, ["not a probability", "1.5"]),
+    ({"data": [[{"label": "1", "score": "0.5"}]] * 2}, ["not a probability"]),
+    ({"data": [[{"label": "1", "score": True}]] * 2}, ["not a probability"]),
+])
+async def test_infinity_answer_of_the_wrong_shape_is_502(client: Any, fake_infinity: Any, body: Any,
+                                                         words: list[str]) -> None:
+    fake_infinity.fault = answer_with(200, body)
+    status, answer = await rerank(client, {"query": "q", "documents": ["a", "b"]})
+    assert_error(status, answer, 502, *words)
+
+
+@pytest.mark.parametrize("text", ['{"data": [[{"label": "1", "score": NaN}]]}', "<html>Bad Gateway</html>"])
+async def test_infinity_nan_score_or_html_is_502(client: Any, fake_infinity: Any, text: str) -> None:
+    fake_infinity.fault = answer_with(200, text, raw=True)
+    status, answer = await rerank(client, {"query": "q", "documents": ["a"]})
+    assert status == 502
+    assert "not a probability" in answer["error"]["message"] or "not JSON" in answer["error"]["message"]
+
+
+async def test_unreachable_infinity_is_502_naming_the_url(make_proxy: Any) -> None:
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    client = await make_proxy(infinity_url=url)
+    status, answer = await rerank(client, {"query": "q", "documents": ["a"]})
+    assert_error(status, answer, 502, f"{url}/classify", "cannot reach")
+
+
+async def test_rerank_slower_than_timeout_is_504_within_the_timeout(make_proxy: Any, fake_infinity: Any) -> None:
+    client = await make_proxy(timeout=0.5)
+    fake_infinity.delay = 5
+    started = time.monotonic()
+    status, answer = await rerank(client, {"query": "q", "documents": ["a"]})
+    assert_error(status, answer, 504, "--timeout", "0.5")
+    assert time.monotonic() - started < 1.5
+
+
+async def test_unknown_route_is_json_404(client: Any) -> None:
+    response = await client.get("/nothing/here")
+    assert_error(response.status, await response.json(), 404, "no route", "/nothing/here")
+
+
+@pytest.mark.parametrize("path", ["/rerank", "/v1/rerank", "/v2/rerank"])
+async def test_wrong_method_on_rerank_route_is_local_json_405(client: Any, fake_infinity: Any, path: str) -> None:
+    response = await client.get(path)
+    assert_error(response.status, await response.json(), 405, "GET", "POST")
+    assert response.headers["Allow"] == "POST"
+    assert fake_infinity.forwarded == []
+
+
+async def test_body_larger_than_max_body_size_is_json_413(make_proxy: Any) -> None:
+    client = await make_proxy(max_body_size=1000)
+    status, answer = await rerank(client, {"query": "q", "documents": ["x" * 2000]})
+    assert_error(status, answer, 413, "--max-body-size", "1000")
+
+
+async def test_a_bug_is_500_with_request_id_logged_with_traceback(
+        client: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def broken(*args: Any) -> None:
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(proxy, "plan_prompts", broken)
+    with caplog.at_level(logging.INFO, logger="proxy-classifier"):
+        response = await client.post("/v1/rerank", json={"query": "q", "documents": ["a"]},
+                                     headers={"X-Request-ID": "req-42"})
+    assert_error(response.status, await response.json(), 500, "req-42")
+    failure = next(r for r in caplog.records if r.levelno == logging.ERROR)
+    assert "req-42" in failure.getMessage() and failure.exc_info[0] is ZeroDivisionError
+
+
+# ---------------------------------------------------------------------------------------------
+# Request ids and logging
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_request_id_is_kept_when_valid_and_replaced_when_not(client: Any, fake_infinity: Any) -> None:
+    response = await client.post("/v1/rerank", json={"query": "q", "documents": ["a"]},
+                                 headers={"X-Request-ID": "abc.DEF_1-2"})
+    assert response.headers["X-Request-ID"] == "abc.DEF_1-2"
+    assert fake_infinity.classify_headers[0]["X-Request-ID"] == "abc.DEF_1-2"
+    for bad in ("has space", "x" * 129, "semi;colon"):
+        response = await client.post("/v1/rerank", json={"query": "q", "documents": ["a"]},
+                                     headers={"X-Request-ID": bad})
+        assert re.fullmatch(r"[0-9a-f]{32}", response.headers["X-Request-ID"])
+    response = await client.get("/nothing")
+    assert re.fullmatch(r"[0-9a-f]{32}", response.headers["X-Request-ID"])
+
+
+async def test_one_info_line_per_request_without_query_or_document_text(
+        client: Any, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="proxy-classifier"):
+        await client.post("/v1/rerank", json={"query": "secret query", "documents": ["secret doc", "secret doc"]},
+                          headers={"X-Request-ID": "rid-1"})
+    lines = [r.getMessage() for r in caplog.records if r.name == "proxy-classifier"]
+    assert len(lines) == 1
+    assert "request_id=rid-1" in lines[0] and "status=200" in lines[0] and "/v1/rerank" in lines[0]
+    assert "documents=2 chunks=1 upstream_calls=1" in lines[0]
+    assert "secret" not in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# Auth
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_without_api_key_the_clients_authorization_is_forwarded(client: Any, fake_infinity: Any) -> None:
+    await rerank(client, {"query": "q", "documents": ["a"]}, headers={"Authorization": "Bearer client-token"})
+    await client.get("/v1/models", headers={"Authorization": "Bearer client-token"})
+    assert fake_infinity.classify_headers[0]["Authorization"] == "Bearer client-token"
+    assert fake_infinity.forwarded[0][3]["Authorization"] == "Bearer client-token"
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong", "Basic c2VjcmV0", "Bearer", "secret"])
+async def test_with_api_key_a_missing_or_wrong_key_is_401(make_proxy: Any, fake_infinity: Any,
+                                                          authorization: str | None) -> None:
+    client = await make_proxy(api_key="secret")
+    headers = {"Authorization": authorization} if authorization else {}
+    for method, path in (("POST", "/v1/rerank"), ("POST", "/v2/rerank"), ("GET", "/v1/models"),
+                         ("POST", "/v1/embeddings")):
+        response = await client.request(method, path, json={"query": "q", "documents": ["a"]}, headers=headers)
+        assert_error(response.status, await response.json(), 401, "Authorization: Bearer")
+    assert fake_infinity.classify_bodies == [] and fake_infinity.forwarded == []
+
+
+async def test_with_api_key_the_right_key_passes_and_infinity_gets_the_proxys_key(
+        make_proxy: Any, fake_infinity: Any) -> None:
+    client = await make_proxy(api_key="secret", infinity_api_key="upstream-key")
+    fake_infinity.api_key = "upstream-key"
+    for scheme in ("Bearer", "bearer", "BEARER"):
+        status, _ = await rerank(client, {"query": "q", "documents": ["a"]},
+                                 headers={"Authorization": f"{scheme} secret"})
+        assert status == 200
+    assert {h["Authorization"] for h in fake_infinity.classify_headers} == {"Bearer upstream-key"}
+
+
+async def test_with_api_key_and_no_infinity_key_infinity_gets_no_authorization(
+        make_proxy: Any, fake_infinity: Any) -> None:
+    client = await make_proxy(api_key="secret")
+    await rerank(client, {"query": "q", "documents": ["a"]}, headers={"Authorization": "Bearer secret"})
+    assert "Authorization" not in fake_infinity.classify_headers[0]
+
+
+async def test_probes_are_open_without_a_key(make_proxy: Any) -> None:
+    client = await make_proxy(api_key="secret")
+    assert (await client.get("/health")).status == 200
+    assert (await client.get("/ready")).status == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# Forwarded routes, /models, /health, /ready
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/models", "/v1/models"])
+async def test_models_are_infinitys_list(client: Any, fake_infinity: Any, path: str) -> None:
+    response = await client.get(path)
+    assert response.status == 200
+    assert [m["id"] for m in (await response.json())["data"]] == [SERVED_MODEL]
+    assert fake_infinity.forwarded[0][1] == "/v1/models"
+
+
+async def test_other_routes_under_the_prefix_are_forwarded_verbatim(client: Any, fake_infinity: Any) -> None:
+    body = b'{"model":"m","input":["hello"]}'
+    response = await client.post("/v1/embeddings?x=1&y=%20", data=body, headers={"Content-Type": "application/json"})
+    assert response.status == 200
+    assert await response.read() == b'{"object":"list","echo":' + body + b"}"
+    assert response.headers["Content-Type"].startswith("application/json")
+    method, path_qs, sent, headers = fake_infinity.forwarded[0]
+    assert (method, path_qs, sent) == ("POST", "/v1/embeddings?x=1&y=%20", body)
+    assert headers["Content-Type"] == "application/json"
+
+
+async def test_infinitys_own_404_comes_back_verbatim(client: Any) -> None:
+    response = await client.get("/v1/no-such-route")
+    assert response.status == 404
+    assert await response.text() == "404: Not Found"  # the fake's (aiohttp's) body, not ours
+
+
+async def test_path_outside_the_prefix_is_a_local_404(client: Any, fake_infinity: Any) -> None:
+    response = await client.post("/embeddings", json={})
+    assert_error(response.status, await response.json(), 404, "no route")
+    response = await client.session.get(URL(f"{client.make_url('/')}v1/../health", encoded=True))
+    # sent as is (a client library would have normalised it away), refused before it is forwarded
+    assert_error(response.status, await response.json(), 404, "no route", "/v1/../health")
+    assert fake_infinity.forwarded == []
+
+
+async def test_no_request_can_make_the_proxy_call_another_host(client: Any, fake_infinity: Any) -> None:
+    with aioresponses(passthrough=["http://127.0.0.1"]) as mocked:
+        response = await client.get("/v1//evil.example/x")
+        assert response.status == 404  # reached the fake Infinity as a path, not another host
+        assert not [key for key in mocked.requests if "evil" in str(key[1].host)]
+
+
+async def test_with_an_empty_prefix_everything_else_is_forwarded(make_proxy: Any, fake_infinity: Any) -> None:
+    client = await make_proxy(infinity_url=fake_infinity.url.removesuffix("/v1"))
+    response = await client.post("/v1/embeddings", data=b"{}")
+    assert response.status == 200
+    assert fake_infinity.forwarded[0][1] == "/v1/embeddings"
+    status, _ = await rerank(client, {"query": "q", "documents": ["a"]}, "/rerank")
+    assert status == 502  # Infinity has no /classify without its prefix: the 404 hint
+
+
+async def test_health_is_ok_and_says_infinity_answers(client: Any) -> None:
+    response = await client.get("/health")
+    assert (response.status, await response.json()) == (200, {"status": "ok", "upstream": "ok"})
+
+
+async def test_health_is_200_and_says_why_when_infinity_is_down(make_proxy: Any) -> None:
+    port = free_port()
+    client = await make_proxy(infinity_url=f"http://127.0.0.1:{port}/v1")
+    response = await client.get("/health")
+    answer = await response.json()
+    assert response.status == 200 and answer["status"] == "ok"
+    assert f"127.0.0.1:{port}/health" in answer["upstream"] and "cannot reach" in answer["upstream"]
+
+
+async def test_ready_is_200_when_infinity_answers_else_503(make_proxy: Any, fake_infinity: Any) -> None:
+    client = await make_proxy()
+    response = await client.get("/ready")
+    assert (response.status, await response.json()) == (200, {"status": "ready"})
+    down = await make_proxy(infinity_url=f"http://127.0.0.1:{free_port()}/v1")
+    response = await down.get("/ready")
+    assert_error(response.status, await response.json(), 503, "not ready")
+
+
+@pytest.mark.parametrize("path", ["/health", "/ready", "/models"])
+async def test_local_routes_answer_other_methods_with_405(client: Any, fake_infinity: Any, path: str) -> None:
+    response = await client.post(path, data=b"{}")
+    assert_error(response.status, await response.json(), 405, "POST", "GET")
+    assert fake_infinity.forwarded == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+
+def test_defaults_are_the_contracts() -> None:
+    config = proxy.load_config([], environ={})
+    assert (config.host, config.port, config.infinity_url, config.model) == (
+        "0.0.0.0", 8002, "http://localhost:7997/v1", SERVED_MODEL)
+    assert (config.timeout, config.max_documents, config.max_body_size) == (60.0, 10_000, 32 * 1024 * 1024)
+    assert (config.max_query_chars, config.max_doc_chars, config.max_chunks_per_doc) == (4000, 8000, 10)
+    assert (config.positive_label, config.instruction, config.api_key) == ("1", "", "")
+    assert 1 <= config.batch_size <= 2048 and config.max_concurrency >= 32
+
+
+def test_environment_variables_set_options_and_flags_win() -> None:
+    environ = {"INFINITY_URL": "http://infinity:7997/v1", "MAX_DOC_CHARS": "500", "PORT": "9000",
+               "API_KEY": "k", "TIMEOUT": "2.5"}
+    config = proxy.load_config(["--port", "9100"], environ=environ)
+    assert (config.infinity_url, config.max_doc_chars, config.port, config.api_key, config.timeout) == (
+        "http://infinity:7997/v1", 500, 9100, "k", 2.5)
+
+
+@pytest.mark.parametrize(("argv", "environ", "words"), [
+    (["--batch-size", "5000"], {}, ["--batch-size", "2048", "5000"]),
+    (["--batch-size", "0"], {}, ["--batch-size", "at least 1"]),
+    (["--timeout", "-1"], {}, ["--timeout", "positive"]),
+    (["--timeout", "nan"], {}, ["--timeout"]),
+    (["--max-concurrency", "0"], {}, ["--max-concurrency"]),
+    (["--port", "70000"], {}, ["--port"]),
+    (["--max-doc-chars", "120000"], {}, ["--max-doc-chars", "122880"]),
+    (["--infinity-url", "localhost:7997"], {}, ["--infinity-url"]),
+    (["--log-level", "LOUD"], {}, ["--log-level"]),
+    ([], {"MAX_DOCUMENTS": "many"}, ["MAX_DOCUMENTS", "many"]),
+    (["--port", "eighty"], {}, ["--port", "eighty"]),
+])
+def test_out_of_range_option_stops_with_a_clear_message(
+        capsys: pytest.CaptureFixture[str], argv: list[str], environ: dict[str, str], words: list[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        proxy.load_config(argv, environ=environ)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err, (word, err)
+
+
+def test_help_lists_every_option_with_its_environment_variable_and_default() -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "proxy-classifier.py"), "--help"], capture_output=True,
+                         text=True, timeout=30, check=True).stdout
+    flat = " ".join(out.split())
+    for flag, _, _ in proxy.OPTIONS:
+        assert flag in flat
+        assert f"env {proxy.env_name(flag)};" in flat
+    assert "default 8002" in flat and "default http://localhost:7997/v1" in flat and "default 60.0" in flat
+
+
+def test_bad_option_exits_non_zero_at_start() -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "proxy-classifier.py"), "--batch-size", "5000"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "--batch-size must be at most 2048" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Packaging: the Dockerfile, the compose file and the README agree with the proxy
+# ---------------------------------------------------------------------------------------------
+
+
+def test_compose_file_agrees_with_the_proxys_defaults() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yaml").read_text())
+    infinity, proxy_service = compose["services"]["infinity"], compose["services"]["proxy"]
+    command = infinity["command"] if isinstance(infinity["command"], str) else " ".join(infinity["command"])
+    assert infinity["image"].startswith("michaelf34/infinity")
+    assert "--model-id michaelfeil/mxbai-rerank-base-v2-seq" in command
+    assert "--port 7997" in command and "--url-prefix /v1" in command
+    environment = proxy_service["environment"]
+    if isinstance(environment, list):
+        environment = dict(item.split("=", 1) for item in environment)
+    known = {proxy.env_name(flag) for flag, _, _ in proxy.OPTIONS}
+    assert set(environment) <= known, set(environment) - known
+    assert environment["INFINITY_URL"] == "http://infinity:7997/v1"
+    assert any(str(port).endswith(":8002") for port in proxy_service["ports"])
+    assert proxy_service["depends_on"]["infinity"]["condition"] == "service_healthy"
+    assert "7997/health" in " ".join(infinity["healthcheck"]["test"])
+    assert proxy_service["build"] == "."
+
+
+def test_dockerfile_runs_the_proxy_as_non_root_with_a_stdlib_healthcheck() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.\d+-slim", dockerfile, re.M)
+    assert re.search(r"^USER (?!root)\w+", dockerfile, re.M)
+    for copied in re.findall(r"^COPY (?:--\S+ )*(\S+) ", dockerfile, re.M):
+        assert (ROOT / copied).exists(), copied
+    healthcheck = dockerfile[dockerfile.index("\nHEALTHCHECK "):].split("\n\n")[0]
+    assert "urllib.request" in healthcheck and "8002/health" in healthcheck and "curl" not in healthcheck
+    assert re.search(r'^CMD \["python", "proxy-classifier.py"\]', dockerfile, re.M)
+    assert re.search(r"^EXPOSE 8002$", dockerfile, re.M)
+    # requirements are installed before the code is copied, so code changes keep the cached layer
+    assert dockerfile.index("requirements.txt") < dockerfile.index("COPY proxy-classifier.py")
+
+
+def test_readme_documents_every_option_and_its_test_command_is_cis() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for flag, _, _ in proxy.OPTIONS:
+        assert f"`{flag}`" in readme and f"`{proxy.env_name(flag)}`" in readme, flag
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "./setup.sh --dev" in ci and ".venv/bin/python -m pytest" in ci
+    assert "./setup.sh --dev" in readme and ".venv/bin/python -m pytest" in readme
