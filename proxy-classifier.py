@@ -24,7 +24,7 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -73,6 +73,7 @@ def prompt_for(query: str, document: str, instruction: str = "") -> str:
 # classify body is written by hand: the fixed tail is JSON-escaped once here, the head once per
 # request, and only the document once per prompt.
 _escape_json = json.JSONEncoder(ensure_ascii=False).encode  # str -> '"escaped"', C-accelerated
+compact_json = json.JSONEncoder(separators=(",", ":")).encode
 ESCAPED_PROMPT_TAIL = _escape_json(PROMPT_TAIL)[1:-1]
 PROMPT_OVERHEAD_CHARS = len(prompt_for("", "", "x")) - 1  # with an instruction line
 
@@ -309,7 +310,7 @@ def json_type(value: Any) -> str:
 
 def decode_body(raw: bytes) -> dict[str, Any]:
     """The request body as a JSON object, whatever its Content-Type says (curl without -H)."""
-    if not raw.strip():
+    if not raw or raw.isspace():
         raise bad_request("the request body is empty; send a JSON object with 'query' and 'documents'")
     try:
         body = json.loads(raw)
@@ -452,13 +453,14 @@ def classify_batches(plan: ClassifyPlan, batch_size: int) -> list[range]:
 
 
 def classify_body(model: str, plan: ClassifyPlan, batch: range) -> bytes:
-    """The /classify JSON body, written by hand: the template is escaped once, not per prompt.
+    """The /classify JSON body, written by hand: the template is escaped once, not per prompt, and
+    the prompts are joined in one pass (between two documents stands tail + "," + head).
     Raises 400 for text JSON cannot carry as UTF-8 (a lone surrogate such as "\\ud800")."""
     head = '"' + _escape_json(plan.prompt_head)[1:-1]
     tail = ESCAPED_PROMPT_TAIL + '"'
     texts = plan.unique_texts
-    parts = ",".join([head + _escape_json(texts[i])[1:-1] + tail for i in batch])
-    body = '{"model":' + _escape_json(model) + ',"input":[' + parts + "]}"
+    documents = (tail + "," + head).join([_escape_json(texts[i])[1:-1] for i in batch])
+    body = '{"model":' + _escape_json(model) + ',"input":[' + head + documents + tail + "]}"
     try:
         return body.encode("utf-8")
     except UnicodeEncodeError:
@@ -776,7 +778,7 @@ async def rerank(request: web.Request, shape: Callable[[RerankRequest, list[floa
                           "Infinity is slow or overloaded") from None
     stats["upstream_calls"] = calls
     scores = document_scores(plan, prompt_scores, rerank_request.raw_scores)
-    return web.json_response(shape(rerank_request, scores, tokens))
+    return web.json_response(shape(rerank_request, scores, tokens), dumps=compact_json)
 
 
 async def rerank_infinity_shape(request: web.Request) -> web.Response:
@@ -905,7 +907,8 @@ def make_app(config: Config) -> web.Application:
     app[CONFIG] = config
     infinity = app[INFINITY] = Infinity(config)
 
-    async def upstream_session(app: web.Application):  # type: ignore[no-untyped-def]
+    async def upstream_session(app: web.Application) -> AsyncIterator[None]:
+        # One shared session for the app's lifetime: opened before the first request, closed last.
         await infinity.open()
         yield
         await infinity.close()
