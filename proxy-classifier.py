@@ -683,12 +683,12 @@ class Infinity:
         return RerankError(502, f"Infinity failed with {status}: {message}")
 
     async def classify_all(self, model: str, plan: ClassifyPlan,
-                           headers: dict[str, str]) -> tuple[list[float], int, int]:
+                           headers: dict[str, str]) -> tuple[list[float], int]:
         """All prompts of one request, in concurrent calls. The first failure cancels the others:
         no partial answer is ever returned."""
         batches = classify_batches(plan, self.config.batch_size)
         if not batches:
-            return [], 0, 0
+            return [], 0
         bodies = [classify_body(model, plan, batch) for batch in batches]  # may raise a 400: before any call
         calls = [self.classify(body, len(batch), headers) for body, batch in zip(bodies, batches, strict=True)]
         if len(calls) == 1:
@@ -700,7 +700,7 @@ class Infinity:
         for batch_scores, batch_tokens in results:
             scores.extend(batch_scores)
             tokens += batch_tokens
-        return scores, tokens, len(batches)
+        return scores, tokens
 
     async def forward(self, method: str, raw_path: str, raw_query: str, body: bytes,
                       headers: dict[str, str]) -> tuple[int, Any, bytes]:
@@ -769,14 +769,15 @@ async def rerank(request: web.Request, shape: Callable[[RerankRequest, list[floa
     stats["documents"] = len(rerank_request.documents)
     plan = plan_prompts(rerank_request, config)
     stats["chunks"] = len(plan.unique_texts)
+    # Counted before the calls: the log line of a failed request shows the calls it made too.
+    stats["upstream_calls"] = len(classify_batches(plan, config.batch_size))
     try:
-        prompt_scores, tokens, calls = await asyncio.wait_for(
+        prompt_scores, tokens = await asyncio.wait_for(
             request.app[INFINITY].classify_all(rerank_request.model, plan, upstream_headers(request)),
             config.timeout)
     except asyncio.TimeoutError:
         raise RerankError(504, f"the rerank request did not finish within --timeout ({config.timeout:g} s); "
                           "Infinity is slow or overloaded") from None
-    stats["upstream_calls"] = calls
     scores = document_scores(plan, prompt_scores, rerank_request.raw_scores)
     return web.json_response(shape(rerank_request, scores, tokens), dumps=compact_json)
 

@@ -642,6 +642,16 @@ async def test_one_info_line_per_request_without_query_or_document_text(
     assert "secret" not in caplog.text
 
 
+async def test_log_line_of_a_failed_request_counts_the_calls_it_made(
+        make_proxy: Any, fake_infinity: Any, caplog: pytest.LogCaptureFixture) -> None:
+    client = await make_proxy(batch_size=2)
+    fake_infinity.fault = answer_with(503, {"error": {"message": "down"}})
+    with caplog.at_level(logging.INFO, logger="proxy-classifier"):
+        await rerank(client, {"query": "q", "documents": ["a", "b", "c"]})
+    line = next(r.getMessage() for r in caplog.records if r.name == "proxy-classifier")
+    assert "status=502 documents=3 chunks=3 upstream_calls=2" in line
+
+
 # ---------------------------------------------------------------------------------------------
 # Auth
 # ---------------------------------------------------------------------------------------------
