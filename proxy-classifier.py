@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from aiohttp import ClientSession, ClientTimeout, TCPConnector, client_exceptions, web
+from aiohttp import ClientSession, ClientTimeout, TCPConnector, TraceConfig, client_exceptions, web
 from yarl import URL
 
 log = logging.getLogger("proxy-classifier")
@@ -323,6 +323,21 @@ def decode_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
+# Far deeper than any real document, and far enough below Python's recursion limit that encoding a
+# document again (its rank_fields lines, or the answer echoing it) cannot overflow the stack: the
+# parser accepts nesting almost up to that limit, and a RecursionError there would be a 500.
+MAX_DOCUMENT_NESTING = 64
+
+
+def nesting_of(value: Any) -> int:
+    """How many objects and lists deep a JSON value goes (0 for a string), counted without recursion."""
+    depth, level = 0, [value]
+    while level := [item for item in level if isinstance(item, (dict, list))]:
+        depth += 1
+        level = [child for item in level for child in (item.values() if isinstance(item, dict) else item)]
+    return depth
+
+
 def text_of(document: Any, index: int, rank_fields: list[str] | None) -> str:
     """What is scored for one document: a string, an object's 'text', or its rank_fields lines."""
     if isinstance(document, str):
@@ -330,6 +345,8 @@ def text_of(document: Any, index: int, rank_fields: list[str] | None) -> str:
     param = f"documents[{index}]"
     if not isinstance(document, dict):
         raise bad_request(f"{param} must be a string or an object with 'text', got {json_type(document)}", param)
+    if nesting_of(document) > MAX_DOCUMENT_NESTING:
+        raise bad_request(f"{param} is nested more than {MAX_DOCUMENT_NESTING} levels deep", param)
     if rank_fields:
         lines = [f"{field}: {as_text(document[field])}" for field in rank_fields if field in document]
         if not lines:
@@ -575,6 +592,19 @@ def infinity_message(status: int, body: bytes) -> str:
     return f"HTTP {status}" + (f": {text}" if text else " with an empty body")
 
 
+def reuse_tracing() -> TraceConfig:
+    """Marks a request (its trace_request_ctx dict) whose connection came from the keep-alive pool:
+    only such a connection can be one that Infinity closed while it sat idle."""
+
+    async def reused(session: ClientSession, context: Any, params: Any) -> None:
+        if isinstance(context.trace_request_ctx, dict):  # only /classify calls ask
+            context.trace_request_ctx["reused"] = True
+
+    tracing = TraceConfig()
+    tracing.on_connection_reuseconn.append(reused)
+    return tracing
+
+
 class Infinity:
     """Holds the shared ClientSession, the bound on calls in flight, and the mapping of Infinity's
     failures to the proxy's errors."""
@@ -593,9 +623,11 @@ class Infinity:
         # Room beyond --max-concurrency for probes and forwarded routes, which the semaphore does
         # not bound; keep-alive pooling does the rest.
         connector = TCPConnector(limit=self.config.max_concurrency + 16, limit_per_host=0,
-                                 ttl_dns_cache=300, keepalive_timeout=30)
+                                 # Below uvicorn's 5 s keep-alive (Infinity's server): the proxy drops
+                                 # an idle connection before Infinity does, so stale ones stay rare.
+                                 ttl_dns_cache=300, keepalive_timeout=4)
         self.session = ClientSession(timeout=timeout, connector=connector, auto_decompress=True,
-                                     skip_auto_headers=("User-Agent",))
+                                     skip_auto_headers=("User-Agent",), trace_configs=[reuse_tracing()])
         # For the single retry after a stale keep-alive connection: this one never reuses one.
         self.fresh_session = ClientSession(timeout=timeout, connector=TCPConnector(force_close=True))
 
@@ -635,29 +667,36 @@ class Infinity:
         headers = {"Content-Type": "application/json", **headers}
         session = self.session
         for attempt in (1, 2):
+            connection = {"reused": False}  # set by reuse_tracing() when the pool hands out a kept-alive one
             try:
-                async with session.post(self.classify_url, data=body, headers=headers) as response:
+                async with session.post(self.classify_url, data=body, headers=headers,
+                                        trace_request_ctx=connection) as response:
                     return response.status, response.headers, await response.read()
             except (client_exceptions.ServerDisconnectedError, client_exceptions.ClientOSError) as exc:
                 # A keep-alive connection that Infinity closed between two requests fails before any
                 # answer. /classify has no side effects, so it is retried once, on a new connection.
-                # Connection refused (ClientConnectorError) is not retried: it would fail again.
-                if attempt == 2 or isinstance(exc, client_exceptions.ClientConnectorError):
-                    raise self.unreachable(exc) from None
+                # Nothing else is: a new connection that fails (refused, or dropped by a failing
+                # Infinity) would fail again, and a retry would double the load on a server in trouble.
+                if attempt == 2 or not connection["reused"]:
+                    raise self.unreachable(exc, self.classify_url) from None
                 session = self.fresh_session
             except client_exceptions.ClientError as exc:
-                raise self.unreachable(exc) from None
+                raise self.unreachable(exc, self.classify_url) from None
         raise AssertionError("unreachable")
 
-    def unreachable(self, exc: BaseException) -> RerankError:
+    def unreachable(self, exc: BaseException, url: Any) -> RerankError:
+        """Map a call that got no complete answer: 504 for a stall, else 502 naming the URL tried."""
+        if isinstance(exc, client_exceptions.ConnectionTimeoutError):
+            return RerankError(502, f"could not connect to Infinity at {url} within {CONNECT_TIMEOUT_SECONDS:g} s; "
+                               "is it running and is --infinity-url right?")
         if isinstance(exc, client_exceptions.ServerTimeoutError):
-            if isinstance(exc, client_exceptions.ConnectionTimeoutError):
-                return RerankError(502, f"could not connect to Infinity at {self.origin} within "
-                                   f"{CONNECT_TIMEOUT_SECONDS:g} s; is --infinity-url right?")
             return RerankError(504, f"Infinity did not answer within --timeout ({self.config.timeout:g} s)")
         reason = str(exc) or type(exc).__name__
-        return RerankError(502, f"cannot reach Infinity at {self.classify_url}: {reason}; "
-                           "is it running and is --infinity-url right?")
+        if isinstance(exc, client_exceptions.ClientConnectorError):
+            return RerankError(502, f"cannot reach Infinity at {url}: {reason}; "
+                               "is it running and is --infinity-url right?")
+        return RerankError(502, f"Infinity at {url} closed the connection before a complete answer ({reason}); "
+                           "it may have restarted or crashed")
 
     def failure(self, status: int, headers: Any, raw: bytes) -> RerankError:
         """Map Infinity's refusal to what the client should see (the contract's error table)."""
@@ -712,7 +751,7 @@ class Infinity:
             async with self.session.request(method, url, data=body or None, headers=headers) as response:
                 return response.status, response.headers, await response.read()
         except client_exceptions.ClientError as exc:
-            raise self.unreachable(exc) from None
+            raise self.unreachable(exc, url) from None
         except asyncio.TimeoutError:
             raise RerankError(504, f"Infinity did not answer within --timeout ({self.config.timeout:g} s)") from None
 
