@@ -1,0 +1,1055 @@
+"""The reliability tier: the proxy keeps its contract under upstream faults, hostile input, load,
+an Infinity restart and a shutdown signal, and loses no request silently.
+
+The upstream is conftest's fake Infinity (a real aiohttp server on 127.0.0.1); a fault is its
+`fault` hook, installed through the `upstream` fixture, which also counts the calls that reach the
+hook and those still running there. A hook that never answers is cancelled when the proxy hangs up
+(aiohttp's test server cancels handlers on disconnect), so "still running" means "the proxy has not
+let go". Load, restart, client disconnect and shutdown run the proxy as a user does: a subprocess,
+`python proxy-classifier.py --host 127.0.0.1 --port <free> --infinity-url ...`, so that its RSS,
+its signals and its exit code are real. Everything talks to 127.0.0.1 only, and every loop is
+bounded by a request count and a deadline. The load test writes its figures to LOAD_FIGURES.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import faulthandler
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from yarl import URL
+
+from conftest import ROOT, FakeInfinity, free_port, hashed_probability, proxy
+
+FaultHook = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
+
+QUERY = "Which rivers flow into the North Sea?"
+DOCUMENTS = ["The Rhine flows into the North Sea near Rotterdam.", "The Danube flows into the Black Sea."]
+GOOD = {"query": QUERY, "documents": DOCUMENTS}
+# Asked after a fault: a different query, so an answer left over from the fault would not match.
+NEXT = {"query": "Where does the Elbe end?", "documents": ["At Cuxhaven, in the North Sea.", "In Dresden."]}
+
+LOAD_FIGURES = Path("/tmp/proxy-reliability-load.json")
+PROXY_SCRIPT = ROOT / "proxy-classifier.py"
+
+
+@pytest.fixture(autouse=True)
+def hard_time_limit(request: pytest.FixtureRequest) -> Iterator[None]:
+    """No test here can hang the suite: past its limit the process prints every thread's stack and
+    exits (pytest-timeout is not a dependency; the proxies these tests start bound their requests with
+    --timeout, so this only fires on a real hang)."""
+    faulthandler.dump_traceback_later(180 if request.node.get_closest_marker("slow") else 60, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+# ---------------------------------------------------------------------------------------------
+# Asking and checking
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: Any  # the parsed JSON, or None when the answer is not JSON
+    seconds: float
+
+
+async def post(client: Any, body: Any, path: str = "/v1/rerank") -> Answer:
+    """POST a rerank body through a pytest-aiohttp client or a ClientSession with a base_url."""
+    data = body if isinstance(body, bytes) else json.dumps(body)
+    started = time.monotonic()
+    async with client.post(path, data=data) as response:
+        raw = await response.read()
+        headers = dict(response.headers)
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        parsed = None
+    return Answer(response.status, headers, parsed, time.monotonic() - started)
+
+
+def expected_scores(query: str, documents: list[str], instruction: str = "") -> list[float]:
+    """What the fake scores for each document's prompt (it strips the prompt, as Infinity does)."""
+    return [hashed_probability(proxy.prompt_for(query, document, instruction).strip()) for document in documents]
+
+
+def assert_ranked(answer: Answer, body: dict[str, Any]) -> None:
+    """A 200 whose results are this request's documents, scored for this request's query, best first."""
+    assert answer.status == 200, answer.body
+    scores = expected_scores(body["query"], body["documents"])
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    assert [(r["index"], r["relevance_score"]) for r in answer.body["results"]] == [(i, scores[i]) for i in order]
+
+
+def assert_error(answer: Answer, status: int, error_type: str, *words: str, param: str | None = None) -> None:
+    assert answer.status == status, answer.body
+    assert answer.headers["Content-Type"].startswith("application/json")
+    assert isinstance(answer.body, dict) and set(answer.body) == {"error"}, answer.body  # no partial results
+    error = answer.body["error"]
+    assert error == {"message": error["message"], "type": error_type, "param": param, "code": status}
+    for word in words:
+        assert word in error["message"], (word, error["message"])
+
+
+async def eventually(condition: Callable[[], bool], within: float = 2.0) -> bool:
+    """Whether the condition holds within the time: cancellation and socket closing take a few turns of the loop."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+def tasks_running_proxy_code() -> list[asyncio.Task[Any]]:
+    """Tasks whose coroutine is the proxy's own (the classify calls of a multi-call request)."""
+    return [task for task in asyncio.all_tasks() if not task.done()
+            and getattr(getattr(task.get_coro(), "cr_code", None), "co_filename", None) == proxy.__file__]
+
+
+def port_of(url: str) -> int:
+    return URL(url).port  # type: ignore[return-value]
+
+
+def tcp_connections(process: psutil.Process) -> list[Any]:
+    # psutil 6 renamed connections() to net_connections(); requirements-dev.txt allows 5.9 too.
+    return (process.net_connections if hasattr(process, "net_connections") else process.connections)("tcp")
+
+
+def connections_to(port: int, pid: int | None = None) -> int:
+    """Established TCP connections of a process (this one by default) to a port on 127.0.0.1."""
+    return sum(1 for connection in tcp_connections(psutil.Process(pid))
+               if connection.raddr and connection.raddr.port == port and connection.status == psutil.CONN_ESTABLISHED)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a failing Infinity does: hooks for the fake's `fault`
+# ---------------------------------------------------------------------------------------------
+
+
+def classify_answer(data: str) -> str:
+    return '{"object":"classify","data":' + data + ',"model":"m","usage":{"prompt_tokens":1,"total_tokens":1}}'
+
+
+def answers(status: int, body: str, content_type: str = "application/json",
+            headers: dict[str, str] | None = None) -> FaultHook:
+    async def hook(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=status, text=body, content_type=content_type, headers=headers)
+
+    return hook
+
+
+def never_answers() -> FaultHook:
+    async def hook(request: web.Request) -> None:
+        await asyncio.Event().wait()  # until the proxy hangs up and the server cancels this
+
+    return hook
+
+
+def closes_without_answering() -> FaultHook:
+    async def hook(request: web.Request) -> None:
+        await request.read()
+        request.transport.close()
+        await asyncio.Event().wait()
+
+    return hook
+
+
+def closes_mid_answer() -> FaultHook:
+    async def hook(request: web.Request) -> None:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = 1000  # promised, never delivered
+        await response.prepare(request)
+        await response.write(b'{"object":"classify","data":[[{"label":"1","sco')
+        request.transport.close()
+        await asyncio.Event().wait()
+
+    return hook
+
+
+def answers_late(seconds: float) -> FaultHook:
+    async def hook(request: web.Request) -> None:
+        await asyncio.sleep(seconds)  # then the fake's normal answer, if anyone still listens
+
+    return hook
+
+
+def closes_connections_it_answered_on_before() -> FaultHook:
+    """Infinity (uvicorn) closing an idle keep-alive connection just as the proxy reuses it: the
+    request on a connection that has carried one before is dropped unanswered."""
+    used: set[Any] = set()
+
+    async def hook(request: web.Request) -> None:
+        if request.transport in used:
+            request.transport.close()
+            await asyncio.Event().wait()
+        used.add(request.transport)
+
+    return hook
+
+
+def closes_every_connection_after_the_first_answer() -> FaultHook:
+    answered = False
+
+    async def hook(request: web.Request) -> None:
+        nonlocal answered
+        if answered:
+            request.transport.close()
+            await asyncio.Event().wait()
+        answered = True
+
+    return hook
+
+
+@dataclass
+class Upstream:
+    """The fake Infinity with a fault installed, counting the calls that reach the fault."""
+
+    fake: FakeInfinity
+    calls: int = 0  # calls the fault saw (all of them: it sits in front of every route but /health)
+    running: int = 0  # calls still inside the fault
+
+    def fail_with(self, hook: FaultHook) -> None:
+        async def counted(request: web.Request) -> web.StreamResponse | None:
+            self.calls += 1
+            self.running += 1
+            try:
+                return await hook(request)
+            finally:
+                self.running -= 1
+
+        self.fake.fault = counted
+
+    def heal(self) -> None:
+        self.fake.fault = None
+
+
+@pytest.fixture
+def upstream(fake_infinity: FakeInfinity) -> Upstream:
+    return Upstream(fake_infinity)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fault matrix
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    status: int  # what the client gets
+    error_type: str
+    says: tuple[str, ...]  # in the message; "{url}" is the classify URL, "{origin}" Infinity's origin
+    hook: Callable[[], FaultHook] | None = None  # None: no fake listens ("nothing listening", "full accept queue")
+    within: float = 1.0  # seconds the answer may take
+    timeout: float = 5.0  # the proxy's --timeout
+    retry_after: str | None = None
+    param: str | None = None
+    upstream: str = "fake"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+TOO_FEW = classify_answer('[[{"label":"1","score":0.9},{"label":"0","score":0.1}]]')  # one item for two inputs
+NO_LABEL_1 = classify_answer('[[{"label":"LABEL_1","score":0.9},{"label":"LABEL_0","score":0.1}],'
+                             '[{"label":"LABEL_0","score":0.8},{"label":"LABEL_1","score":0.2}]]')
+NAN_SCORE = classify_answer('[[{"label":"1","score":NaN},{"label":"0","score":NaN}],'
+                            '[{"label":"1","score":0.5},{"label":"0","score":0.5}]]')
+FASTAPI_422 = '{"detail":[{"type":"too_long","loc":["body","input"],"msg":"List should have at most 2048 items"}]}'
+INFINITY_400 = '{"error":{"message":"Invalid model: m","type":"BadRequest","param":null,"code":400}}'
+HTML = "<html><body><h1>502 Bad Gateway</h1></body></html>"
+
+FAULTS = [
+    Fault("connection refused", 502, "upstream_error", ("cannot reach", "{url}"), upstream="nothing listening"),
+    # CONNECT_TIMEOUT_SECONDS is lowered to 0.5 s for this case; --timeout stays 5 s.
+    Fault("connect timeout", 502, "upstream_error", ("could not connect", "{url}", "0.5 s"), within=1.5,
+          upstream="full accept queue"),
+    Fault("accepts and never answers", 504, "timeout_error", ("--timeout (1 s)",), never_answers, within=1.5,
+          timeout=1.0),
+    Fault("closes mid-answer", 502, "upstream_error", ("{url}", "closed the connection"), closes_mid_answer),
+    Fault("closes without answering", 502, "upstream_error", ("{url}", "closed the connection", "disconnected"),
+          closes_without_answering),
+    Fault("500", 502, "upstream_error", ("500", "CUDA out of memory"),
+          partial(answers, 500, '{"error":{"message":"CUDA out of memory","type":"InternalError","code":500}}')),
+    Fault("502 in HTML", 502, "upstream_error", ("502", "Bad Gateway"), partial(answers, 502, HTML, "text/html")),
+    Fault("503", 502, "upstream_error", ("503", "Service Unavailable"),
+          partial(answers, 503, '{"detail":"Service Unavailable"}')),
+    Fault("429 with Retry-After", 429, "rate_limit_error", ("429", "queue is full", "retry later"),
+          partial(answers, 429, '{"detail":"queue is full"}', headers={"Retry-After": "3"}), retry_after="3"),
+    Fault("429 without Retry-After", 429, "rate_limit_error", ("429", "queue is full"),
+          partial(answers, 429, '{"detail":"queue is full"}')),
+    Fault("422 with FastAPI's detail", 502, "upstream_error", ("422", "at most 2048 items", "--batch-size"),
+          partial(answers, 422, FASTAPI_422)),
+    Fault("400 with Infinity's error", 400, "invalid_request_error", ("Invalid model: m",),
+          partial(answers, 400, INFINITY_400), param="model"),
+    Fault("HTML instead of JSON", 502, "upstream_error", ("not JSON", "Bad Gateway"),
+          partial(answers, 200, HTML, "text/html")),
+    Fault("too few items", 502, "upstream_error", ("1 classifications for 2 inputs",), partial(answers, 200, TOO_FEW)),
+    Fault("no label 1", 502, "upstream_error", ("no label '1'", "--positive-label"),
+          partial(answers, 200, NO_LABEL_1)),
+    Fault("a NaN score", 502, "upstream_error", ("not a probability", "nan"), partial(answers, 200, NAN_SCORE)),
+    Fault("an answer after the proxy gave up", 504, "timeout_error", ("--timeout (0.5 s)",),
+          partial(answers_late, 2.0), timeout=0.5),
+]
+HOOK_FAULTS = [fault for fault in FAULTS if fault.hook is not None]
+
+
+@dataclass
+class FaultyWorld:
+    """A proxy (in-process) in front of an Infinity that fails as the fault says, and the way back."""
+
+    client: Any
+    upstream: Upstream
+    infinity_url: str
+    heal: Callable[[], Awaitable[None]]
+
+    @property
+    def proxy_upstream(self) -> Any:
+        return self.client.server.app[proxy.INFINITY]
+
+    def message_words(self, fault: Fault) -> list[str]:
+        origin = self.infinity_url.removesuffix("/v1")
+        return [word.format(url=self.infinity_url + "/classify", origin=origin) for word in fault.says]
+
+    def leftovers(self) -> dict[str, int]:
+        """Everything a fault could leave behind; after one good request: nothing but one idle
+        keep-alive connection."""
+        return {"proxy calls in flight": self.proxy_upstream.in_flight,
+                "fake calls in flight": self.upstream.fake.in_flight + self.upstream.running,
+                "tasks running proxy code": len(tasks_running_proxy_code()),
+                "connections to Infinity": connections_to(port_of(self.infinity_url))}
+
+
+NOTHING_LEFT = {"proxy calls in flight": 0, "fake calls in flight": 0, "tasks running proxy code": 0,
+                "connections to Infinity": 1}
+
+
+@pytest.fixture
+def full_accept_queue() -> Iterator[Callable[[], tuple[int, Callable[[], None]]]]:
+    """A port whose listener never accepts and whose accept queue is full: Linux drops the SYN of a
+    new connection there, so connecting times out (a stand-in for a host that does not answer)."""
+    sockets: list[socket.socket] = []
+
+    def make() -> tuple[int, Callable[[], None]]:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        sockets.append(listener)
+        for _ in range(3):  # fill the queue
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            sockets.append(filler)
+
+        def release() -> None:
+            for sock in sockets:
+                sock.close()
+
+        return port, release
+
+    yield make
+    for sock in sockets:
+        sock.close()
+
+
+@pytest.fixture
+def break_upstream(make_proxy: Callable[..., Awaitable[Any]], upstream: Upstream, fake_infinity: FakeInfinity,
+                   aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch,
+                   full_accept_queue: Callable[[], tuple[int, Callable[[], None]]],
+                   ) -> Callable[[Fault], Awaitable[FaultyWorld]]:
+    async def make(fault: Fault) -> FaultyWorld:
+        if fault.upstream == "fake":
+            assert fault.hook is not None
+            upstream.fail_with(fault.hook())
+            client = await make_proxy(timeout=fault.timeout)
+
+            async def heal() -> None:
+                upstream.heal()
+
+            return FaultyWorld(client, upstream, fake_infinity.url, heal)
+        if fault.upstream == "nothing listening":
+            port, release = free_port(), lambda: None
+        else:
+            monkeypatch.setattr(proxy, "CONNECT_TIMEOUT_SECONDS", 0.5)
+            port, release = full_accept_queue()
+        url = f"http://127.0.0.1:{port}/v1"
+        client = await make_proxy(infinity_url=url, timeout=fault.timeout)
+        fake = FakeInfinity()
+
+        async def start_infinity_there() -> None:
+            release()
+            await aiohttp_server(fake.app(), host="127.0.0.1", port=port)
+
+        return FaultyWorld(client, Upstream(fake), url, start_infinity_there)
+
+    return make
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=str)
+async def test_each_upstream_fault_answers_the_contracts_error_in_time(
+        fault: Fault, break_upstream: Callable[[Fault], Awaitable[FaultyWorld]]) -> None:
+    world = await break_upstream(fault)
+    answer = await post(world.client, GOOD)
+    assert_error(answer, fault.status, fault.error_type, *world.message_words(fault), param=fault.param)
+    assert answer.headers.get("Retry-After") == fault.retry_after
+    assert answer.seconds < fault.within
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=str)
+async def test_after_each_upstream_fault_the_next_request_succeeds_and_nothing_is_left_behind(
+        fault: Fault, break_upstream: Callable[[Fault], Awaitable[FaultyWorld]]) -> None:
+    world = await break_upstream(fault)
+    await post(world.client, GOOD)
+    await world.heal()
+    answer = await post(world.client, NEXT)
+    assert_ranked(answer, NEXT)
+    await eventually(lambda: world.leftovers() == NOTHING_LEFT)  # closed sockets take a turn of the loop
+    assert world.leftovers() == NOTHING_LEFT
+
+
+@pytest.mark.parametrize("fault", HOOK_FAULTS, ids=str)
+async def test_a_failed_call_on_a_fresh_connection_is_not_retried(
+        fault: Fault, break_upstream: Callable[[Fault], Awaitable[FaultyWorld]]) -> None:
+    world = await break_upstream(fault)  # a new proxy: its first call opens a new connection
+    await post(world.client, GOOD)
+    assert world.upstream.calls == 1
+
+
+async def test_a_stale_keep_alive_connection_is_retried_once_on_a_fresh_one(
+        client: Any, upstream: Upstream, fake_infinity: FakeInfinity) -> None:
+    upstream.fail_with(closes_connections_it_answered_on_before())
+    assert_ranked(await post(client, GOOD), GOOD)
+    answer = await post(client, NEXT)  # goes out on the kept-alive connection, which the fake drops
+    assert_ranked(answer, NEXT)
+    assert upstream.calls == 3  # GOOD once; NEXT on the stale connection, then on a new one
+    assert len(fake_infinity.classify_bodies) == 2
+
+
+async def test_a_stale_connection_whose_retry_fails_too_gives_502_after_two_attempts(
+        client: Any, upstream: Upstream, fake_infinity: FakeInfinity) -> None:
+    upstream.fail_with(closes_every_connection_after_the_first_answer())
+    assert_ranked(await post(client, GOOD), GOOD)
+    answer = await post(client, NEXT)
+    assert_error(answer, 502, "upstream_error", f"{fake_infinity.url}/classify")
+    assert upstream.calls == 3  # never a third attempt for one call
+
+
+async def test_a_stalled_forwarded_call_gives_504_within_the_timeout(make_proxy: Any, upstream: Upstream) -> None:
+    client = await make_proxy(timeout=1.0)
+    upstream.fail_with(never_answers())
+    answer = await post(client, {"model": "m", "input": ["a"]}, "/v1/embeddings")
+    assert_error(answer, 504, "timeout_error", "--timeout (1 s)")
+    assert answer.seconds < 1.5
+
+
+# ---------------------------------------------------------------------------------------------
+# One request, several calls: all or nothing
+# ---------------------------------------------------------------------------------------------
+
+
+def fails_one_call_once_the_others_hang(upstream: Upstream, poison: str, answer: FaultHook, calls: int) -> FaultHook:
+    """The call carrying `poison` fails, but only once the request's other calls are running at the
+    fake, which never answers them: so they must be cancelled, not merely never started."""
+
+    async def hook(request: web.Request) -> web.StreamResponse | None:
+        if poison.encode() in await request.read():
+            await eventually(lambda: upstream.running == calls, within=2.0)
+            return await answer(request)
+        await asyncio.Event().wait()
+        return None
+
+    return hook
+
+
+@pytest.mark.parametrize(("failure", "status", "error_type", "retry_after"), [
+    (answers(500, '{"detail":"worker died"}'), 502, "upstream_error", None),
+    (answers(429, '{"detail":"queue is full"}', headers={"Retry-After": "2"}), 429, "rate_limit_error", "2"),
+], ids=["500", "429"])
+async def test_one_failed_call_fails_the_whole_request_and_cancels_the_others(
+        make_proxy: Any, upstream: Upstream, failure: FaultHook, status: int, error_type: str,
+        retry_after: str | None) -> None:
+    client = await make_proxy(batch_size=1, timeout=3.0)  # one call per document
+    upstream.fail_with(fails_one_call_once_the_others_hang(upstream, "poison", failure, calls=3))
+    answer = await post(client, {"query": QUERY, "documents": ["fine one", "poison", "fine two"]})
+    assert_error(answer, status, error_type)
+    assert answer.headers.get("Retry-After") == retry_after
+    assert answer.seconds < 2.5
+    assert client.server.app[proxy.INFINITY].in_flight == 0  # let go before answering
+    assert tasks_running_proxy_code() == []
+    assert await eventually(lambda: upstream.running == 0, within=1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# --max-concurrency: a bound, not a drop
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_upstream_calls_in_flight_never_exceed_max_concurrency(
+        make_proxy: Any, fake_infinity: FakeInfinity) -> None:
+    client = await make_proxy(max_concurrency=3, batch_size=1)
+    fake_infinity.delay = 0.05
+    bodies = [{"query": f"query {i}", "documents": [f"document {i}.{j}" for j in range(4)]} for i in range(4)]
+    answers_ = await asyncio.gather(*(post(client, body) for body in bodies))
+    for answer, body in zip(answers_, bodies, strict=True):
+        assert_ranked(answer, body)
+    assert fake_infinity.most_in_flight == 3
+
+
+async def test_requests_beyond_max_concurrency_wait_and_all_succeed(
+        make_proxy: Any, fake_infinity: FakeInfinity) -> None:
+    client = await make_proxy(max_concurrency=1, timeout=5.0)
+    fake_infinity.delay = 0.05
+    bodies = [{"query": f"query {i}", "documents": [f"document {i}"]} for i in range(12)]
+    started = time.monotonic()
+    answers_ = await asyncio.gather(*(post(client, body) for body in bodies))
+    for answer, body in zip(answers_, bodies, strict=True):
+        assert_ranked(answer, body)
+    assert time.monotonic() - started >= 12 * 0.05  # they queued: one call at a time
+    assert fake_infinity.most_in_flight == 1
+
+
+async def test_a_request_queued_behind_max_concurrency_gives_504_at_the_timeout(
+        make_proxy: Any, fake_infinity: FakeInfinity) -> None:
+    client = await make_proxy(max_concurrency=1, timeout=0.6)
+    fake_infinity.delay = 0.4  # the first holds the only slot for 0.4 s; the second then needs 0.4 s more
+    first = asyncio.create_task(post(client, GOOD))
+    assert await eventually(lambda: fake_infinity.in_flight == 1)
+    second = await post(client, NEXT)
+    assert_ranked(await first, GOOD)
+    assert_error(second, 504, "timeout_error", "--timeout (0.6 s)")
+    assert second.seconds < 0.6 + 0.4
+    assert client.server.app[proxy.INFINITY].in_flight == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile input: every answer a JSON 4xx or a correct 200, never a 500, never over a second
+# ---------------------------------------------------------------------------------------------
+
+RERANK_PATHS = ["/rerank", "/v1/rerank", "/v2/rerank"]
+
+json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+json_values = st.recursive(json_scalars, lambda children: st.lists(children, max_size=4)
+                           | st.dictionaries(st.text(max_size=8), children, max_size=4), max_leaves=12)
+# Text as clients send it, lone surrogates ("\ud800", which JSON can carry) and NUL included.
+texts = st.text(st.characters(exclude_categories=()), max_size=30)
+
+
+def maybe(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """A field's value: mostly a valid one, sometimes null, sometimes any JSON at all."""
+    return st.integers(0, 9).flatmap(lambda k: valid if k < 8 else st.none() if k == 8 else json_values)
+
+
+rerank_bodies = st.fixed_dictionaries({
+    "query": maybe(st.text(st.characters(exclude_categories=()), min_size=1, max_size=30)),
+    "documents": maybe(st.lists(texts | st.fixed_dictionaries({"text": texts}), max_size=6)),
+}, optional={
+    "top_n": maybe(st.integers(-2, 8)),
+    "return_documents": maybe(st.booleans()),
+    "raw_scores": maybe(st.booleans()),
+    "instruction": maybe(texts),
+    "model": maybe(texts),
+    "max_tokens_per_doc": maybe(st.integers(1, 12)),
+    "max_chunks_per_doc": maybe(st.integers(1, 3)),
+    "rank_fields": maybe(st.lists(st.sampled_from(["text", "title"]), max_size=2)),
+    "extra": json_values,
+})
+
+
+def as_json_text(value: Any) -> str:
+    """A rank field's value in its line: a string as is, anything else as compact JSON."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def expected_results(body: dict[str, Any], config: Any) -> list[tuple[int, float]]:
+    """The contract's answer for a body the proxy accepted, for the short texts generated here."""
+    instruction = body.get("instruction") or ""
+    rank_fields = body.get("rank_fields") or []
+    scores = []
+    for document in body["documents"]:
+        if isinstance(document, str):
+            text = document
+        elif rank_fields:
+            text = "\n".join(f"{name}: {as_json_text(document[name])}" for name in rank_fields if name in document)
+        else:
+            text = document["text"]
+        if body.get("max_tokens_per_doc") is not None:
+            text = text[: 3 * body["max_tokens_per_doc"]]
+        p1 = hashed_probability(proxy.prompt_for(body["query"][: config.max_query_chars], text, instruction).strip())
+        scores.append(proxy.log_odds(p1) if body.get("raw_scores") else p1)
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    top_n = body.get("top_n")
+    return [(i, scores[i]) for i in (order[:top_n] if top_n and top_n > 0 else order)]
+
+
+def assert_json_4xx(answer: Answer) -> None:
+    assert 400 <= answer.status < 500, (answer.status, answer.body)
+    assert answer.headers["Content-Type"].startswith("application/json")
+    assert set(answer.body["error"]) == {"message", "type", "param", "code"}
+    assert answer.body["error"]["code"] == answer.status
+
+
+HOSTILE = settings(max_examples=200, deadline=1000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@HOSTILE
+@given(body=rerank_bodies, path=st.sampled_from(RERANK_PATHS))
+async def test_any_rerank_shaped_body_gets_a_json_4xx_or_the_correct_200(
+        client: Any, fake_infinity: FakeInfinity, body: dict[str, Any], path: str) -> None:
+    answer = await post(client, body, path)
+    assert answer.seconds < 1.0
+    if answer.status != 200:
+        assert_json_4xx(answer)
+        return
+    config = client.server.app[proxy.CONFIG]
+    assert [(r["index"], r["relevance_score"]) for r in answer.body["results"]] == expected_results(body, config)
+    assert fake_infinity.empty_inputs == 0
+
+
+@HOSTILE
+@given(body=json_values, path=st.sampled_from(RERANK_PATHS))
+async def test_any_json_body_gets_a_json_4xx_or_the_correct_200(client: Any, body: Any, path: str) -> None:
+    answer = await post(client, json.dumps(body).encode(), path)
+    assert answer.seconds < 1.0
+    if answer.status != 200:
+        assert_json_4xx(answer)
+        return
+    config = client.server.app[proxy.CONFIG]
+    assert [(r["index"], r["relevance_score"]) for r in answer.body["results"]] == expected_results(body, config)
+
+
+@HOSTILE
+@given(raw=st.binary(max_size=400) | st.builds(lambda b, cut: b[:cut], st.just(json.dumps(GOOD).encode()),
+                                                st.integers(0, 120)), path=st.sampled_from(RERANK_PATHS))
+async def test_any_bytes_get_a_json_4xx(client: Any, raw: bytes, path: str) -> None:
+    answer = await post(client, raw, path)
+    assert answer.seconds < 1.0
+    assert_json_4xx(answer)
+
+
+async def test_a_body_over_max_body_size_is_refused_413_while_it_is_read(client: Any, fake_infinity: FakeInfinity
+                                                                         ) -> None:
+    limit = proxy.Config().max_body_size  # the default, 32 MiB
+    huge = json.dumps({"query": QUERY, "documents": ["x" * (limit + 1)]}).encode()
+    answer = await post(client, huge)
+    assert_error(answer, 413, "request_too_large", "--max-body-size", str(limit))
+    assert answer.seconds < 5.0
+    assert fake_infinity.classify_bodies == []
+    assert_ranked(await post(client, GOOD), GOOD)
+
+
+async def test_a_huge_query_and_document_cost_bounded_upstream_work(client: Any, fake_infinity: FakeInfinity
+                                                                       ) -> None:
+    config = client.server.app[proxy.CONFIG]
+    long_text = " ".join(str(n) for n in range(1_500_000))  # about 10 MB, no two chunks alike
+    answer = await post(client, {"query": "q" * 1_000_000, "documents": [long_text]})
+    assert answer.status == 200, answer.body
+    assert answer.seconds < 5.0
+    assert len(fake_infinity.inputs) == config.max_chunks_per_doc
+    longest_prompt = proxy.PROMPT_OVERHEAD_CHARS + config.max_query_chars + config.max_doc_chars
+    assert max(len(prompt) for prompt in fake_infinity.inputs) <= longest_prompt
+
+
+async def test_more_than_max_documents_is_400_before_any_upstream_call(client: Any, fake_infinity: FakeInfinity
+                                                                        ) -> None:
+    answer = await post(client, {"query": QUERY, "documents": ["d"] * 10_001})
+    assert_error(answer, 400, "invalid_request_error", "10001", "10000", param="documents")
+    assert fake_infinity.classify_bodies == []
+
+
+async def test_a_deeply_nested_body_is_400_at_once(client: Any) -> None:
+    answer = await post(client, b'{"query": "q", "documents": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    assert_error(answer, 400, "invalid_request_error", "nested too deeply")
+    assert answer.seconds < 1.0
+
+
+def deepest_json_parsed_here() -> int:
+    """The deepest list nesting json.loads accepts at this depth of the stack."""
+    low, high = 1, 100_000
+    while low < high:
+        middle = (low + high + 1) // 2
+        try:
+            json.loads("[" * middle + "]" * middle)
+            low = middle
+        except RecursionError:
+            high = middle - 1
+    return low
+
+
+@pytest.mark.parametrize("shape", ["rank_fields", "return_documents"])
+async def test_a_document_nested_near_the_parsers_limit_is_never_a_500(client: Any, shape: str) -> None:
+    # The proxy re-encodes object documents (rank_fields lines, echoed documents) deeper in the stack
+    # than it parsed them: a nesting the parser just accepted must not overflow there.
+    deepest = deepest_json_parsed_here()
+    statuses = set()
+    for depth in range(deepest - 60, deepest + 5):
+        nested = "[" * depth + '"x"' + "]" * depth
+        extra = '"rank_fields":["title"]' if shape == "rank_fields" else '"return_documents":true'
+        body = '{"query":"q","documents":[{"text":"t","title":' + nested + "}]," + extra + "}"
+        answer = await post(client, body.encode(), "/v2/rerank")
+        statuses.add(answer.status)
+        assert answer.status in (200, 400), (depth, answer.body)
+    assert 400 in statuses
+
+
+WRONG_VALUES = {"a string": "3", "an integer": 3, "a float": 3.0, "a boolean": True, "a list": ["3"],
+                "an object": {"text": "3"}}
+FIELD_KINDS = {"query": "a string", "documents": "a list", "top_n": "an integer", "return_documents": "a boolean",
+               "raw_scores": "a boolean", "model": "a string", "instruction": "a string", "rank_fields": "a list",
+               "max_chunks_per_doc": "an integer", "max_tokens_per_doc": "an integer"}
+
+
+@pytest.mark.parametrize(("field_name", "value"), [
+    (name, value) for name, kind in FIELD_KINDS.items() for label, value in WRONG_VALUES.items() if label != kind
+], ids=lambda value: json.dumps(value) if not isinstance(value, str) or value == "3" else value)
+async def test_a_field_of_the_wrong_type_is_400_naming_it(
+        client: Any, fake_infinity: FakeInfinity, field_name: str, value: Any) -> None:
+    answer = await post(client, {**GOOD, field_name: value})
+    assert_error(answer, 400, "invalid_request_error", field_name, param=field_name)
+    assert fake_infinity.classify_bodies == []
+
+
+@pytest.mark.parametrize("element", [3, 3.0, True, None, ["x"], {"title": "no text"}], ids=json.dumps)
+async def test_a_document_of_the_wrong_type_is_400_naming_its_index(client: Any, element: Any) -> None:
+    answer = await post(client, {"query": QUERY, "documents": ["fine", element]})
+    assert_error(answer, 400, "invalid_request_error", "documents[1]", param="documents[1]")
+
+
+async def test_unicode_and_nul_characters_reach_infinity_verbatim_and_are_scored(
+        client: Any, fake_infinity: FakeInfinity) -> None:
+    body = {"query": "na\u00efve \x00 query \u6f22\u5b57 \U0001f980",
+            "documents": ["nul \x00 inside", "\u05e2\u05d1\u05e8\u05d9\u05ea RTL \u202e override", "e\u0301 combining",
+                          "line\u2028separator", "emoji \U0001f3f3\ufe0f\u200d\U0001f308 zwj", "\ufeffbom"]}
+    answer = await post(client, body)
+    assert_ranked(answer, body)
+    assert fake_infinity.inputs == [proxy.prompt_for(body["query"], d) for d in body["documents"]]
+
+
+@pytest.mark.parametrize("query", [" ", "   ", "\t\n ", "\u3000", ""], ids=repr)
+async def test_a_query_of_only_whitespace_is_400(client: Any, fake_infinity: FakeInfinity, query: str) -> None:
+    answer = await post(client, {"query": query, "documents": DOCUMENTS})
+    assert_error(answer, 400, "invalid_request_error", "empty or only whitespace", param="query")
+    assert fake_infinity.classify_bodies == []
+
+
+async def test_documents_of_only_whitespace_are_scored_and_never_reach_infinity_empty(
+        client: Any, fake_infinity: FakeInfinity) -> None:
+    body = {"query": QUERY, "documents": ["", " ", "    ", "\t\n", "\u3000", "\n\n\n"]}
+    answer = await post(client, body)
+    assert_ranked(answer, body)
+    assert fake_infinity.empty_inputs == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The proxy as a process: client disconnect, graceful shutdown
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProxyProcess:
+    url: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def rss(self) -> int:
+        return psutil.Process(self.process.pid).memory_info().rss
+
+    def session(self, connections: int = 100, timeout: float = 30.0) -> ClientSession:
+        return ClientSession(base_url=self.url, connector=TCPConnector(limit=connections),
+                             timeout=ClientTimeout(total=timeout))
+
+    async def exit_code(self, within: float) -> int | None:
+        await eventually(lambda: self.process.poll() is not None, within)
+        return self.process.poll()
+
+    def accepts_connections(self) -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", self.port)) == 0
+
+
+@pytest.fixture
+async def spawn_proxy(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[ProxyProcess]]]:
+    """Start `python proxy-classifier.py` as a user does; stop it (SIGTERM, then SIGKILL) afterwards."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    async def spawn(infinity_url: str, *flags: str) -> ProxyProcess:
+        port = free_port()
+        log = tmp_path / f"proxy-{port}.log"
+        with log.open("wb") as sink:
+            process = subprocess.Popen(
+                [sys.executable, str(PROXY_SCRIPT), "--host", "127.0.0.1", "--port", str(port),
+                 "--infinity-url", infinity_url, *flags], stdout=sink, stderr=subprocess.STDOUT)
+        started.append(process)
+        running = ProxyProcess(f"http://127.0.0.1:{port}", port, process, log)
+        if not await eventually(lambda: process.poll() is not None or running.accepts_connections(), within=20):
+            pytest.fail(f"the proxy did not listen within 20 s:\n{log.read_text()}")
+        assert process.poll() is None, log.read_text()
+        return running
+
+    yield spawn
+    for process in started:
+        await stop(process)
+
+
+async def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        if not await eventually(lambda: process.poll() is not None, within=10):
+            process.kill()
+            process.wait()
+
+
+async def test_a_client_that_disconnects_cancels_its_upstream_calls(
+        spawn_proxy: Callable[..., Awaitable[ProxyProcess]], fake_infinity: FakeInfinity) -> None:
+    running = await spawn_proxy(fake_infinity.url, "--batch-size", "1", "--timeout", "5")
+    fake_infinity.delay = 4.0
+    async with running.session() as session:
+        request = asyncio.create_task(post(session, {"query": QUERY, "documents": ["a", "b", "c"]}))
+        assert await eventually(lambda: fake_infinity.in_flight == 3, within=5.0)
+        request.cancel()  # the client goes away: its connection is closed
+        with pytest.raises(asyncio.CancelledError):
+            await request
+    assert await eventually(lambda: fake_infinity.in_flight == 0, within=1.0)
+    assert await eventually(lambda: connections_to(port_of(fake_infinity.url), running.process.pid) == 0)
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_on_a_shutdown_signal_the_request_in_flight_completes_and_the_proxy_exits_0(
+        spawn_proxy: Callable[..., Awaitable[ProxyProcess]], fake_infinity: FakeInfinity,
+        signal_number: signal.Signals) -> None:
+    running = await spawn_proxy(fake_infinity.url, "--timeout", "10")
+    fake_infinity.delay = 0.8
+    async with running.session() as session:
+        request = asyncio.create_task(post(session, GOOD))
+        assert await eventually(lambda: fake_infinity.in_flight == 1, within=5.0)
+        running.process.send_signal(signal_number)
+        answer = await request
+    assert_ranked(answer, GOOD)
+    assert await running.exit_code(within=3.0) == 0
+    log = running.log.read_text()
+    assert "Traceback" not in log and "Unclosed" not in log  # the session was closed, nothing failed
+
+
+async def test_on_a_shutdown_signal_new_connections_are_refused_at_once(
+        spawn_proxy: Callable[..., Awaitable[ProxyProcess]], fake_infinity: FakeInfinity) -> None:
+    running = await spawn_proxy(fake_infinity.url, "--timeout", "10")
+    fake_infinity.delay = 1.5
+    async with running.session() as session:
+        request = asyncio.create_task(post(session, GOOD))
+        assert await eventually(lambda: fake_infinity.in_flight == 1, within=5.0)
+        running.process.send_signal(signal.SIGTERM)
+        assert await eventually(lambda: not running.accepts_connections(), within=1.0)
+        assert not request.done()  # refused while the request in flight still runs
+        assert_ranked(await request, GOOD)
+
+
+async def test_shutdown_waits_no_longer_than_the_timeout_for_a_hung_infinity(
+        spawn_proxy: Callable[..., Awaitable[ProxyProcess]], fake_infinity: FakeInfinity, upstream: Upstream) -> None:
+    running = await spawn_proxy(fake_infinity.url, "--timeout", "1")
+    upstream.fail_with(never_answers())
+    async with running.session() as session:
+        request = asyncio.create_task(post(session, GOOD))
+        assert await eventually(lambda: upstream.running == 1, within=5.0)
+        signalled = time.monotonic()
+        running.process.send_signal(signal.SIGTERM)
+        answer = await request
+        assert_error(answer, 504, "timeout_error", "--timeout (1 s)")
+    assert await running.exit_code(within=3.0) == 0
+    assert time.monotonic() - signalled < 1.0 + 2.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Load and restart (slow)
+# ---------------------------------------------------------------------------------------------
+
+LOAD_CLIENTS = 200  # concurrent client connections
+LOAD_REQUESTS = 4000
+LOAD_DEADLINE = 60.0  # seconds: the loop stops here whatever happens
+UPSTREAM_LATENCY = 0.02  # seconds per /classify call: a small GPU batch
+RSS_GROWTH_BOUND = 4 * 2**20  # bytes the proxy's RSS may grow after its first thousand requests
+
+
+def load_body(i: int) -> dict[str, Any]:
+    """Request i's own query and documents: its expected scores differ from every other request's."""
+    return {"query": f"load query {i}", "documents": [f"passage {i}.{j} " + "word " * (i % 13 + j) for j in range(1 + i % 6)],
+            "top_n": 1 + i % 6 if i % 3 == 0 else None}
+
+
+def assert_load_answer(answer: Answer, body: dict[str, Any]) -> None:
+    assert answer.status == 200, answer.body
+    scores = expected_scores(body["query"], body["documents"])
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[: body["top_n"]]
+    assert [(r["index"], r["relevance_score"]) for r in answer.body["results"]] == [(i, scores[i]) for i in order]
+
+
+@dataclass
+class LoadRun:
+    """Many clients sharing one request counter, each checking its own answers."""
+
+    requests: int
+    deadline: float
+    ask: Callable[[int], Awaitable[None]]
+    after_each: Callable[[int], None] = lambda done: None
+    done: int = 0
+    failures: list[str] = field(default_factory=list)
+    _next: int = 0
+
+    async def client(self) -> None:
+        while self._next < self.requests and time.monotonic() < self.deadline:
+            i = self._next
+            self._next += 1
+            try:
+                await self.ask(i)
+            except (AssertionError, ClientError, asyncio.TimeoutError) as exc:
+                self.failures.append(f"request {i}: {exc!r}"[:300])
+            self.done += 1
+            self.after_each(self.done)
+
+    async def run(self, clients: int) -> None:
+        await asyncio.gather(*(self.client() for _ in range(clients)))
+
+
+@pytest.mark.slow
+async def test_under_load_every_answer_is_its_own_and_memory_stays_flat(
+        spawn_proxy: Callable[..., Awaitable[ProxyProcess]], fake_infinity: FakeInfinity) -> None:
+    fake_infinity.delay = UPSTREAM_LATENCY
+    running = await spawn_proxy(fake_infinity.url)  # the defaults a user runs, INFO log line per request included
+    process = psutil.Process(running.process.pid)
+    cpu_before = sum(process.cpu_times()[:2])
+    rss = {0: running.rss}  # requests answered -> the proxy's RSS then
+    client_connections = 0
+
+    def sample(done: int) -> None:
+        nonlocal client_connections
+        if done % 500 == 0:
+            rss[done] = running.rss
+        if done == 1000:
+            client_connections = sum(1 for c in tcp_connections(process)
+                                     if c.laddr.port == running.port and c.status == psutil.CONN_ESTABLISHED)
+
+    latencies: list[float] = []
+    async with running.session(connections=LOAD_CLIENTS) as session:
+        async def ask(i: int) -> None:
+            body = load_body(i)
+            answer = await post(session, body, RERANK_PATHS[i % 3])
+            latencies.append(answer.seconds)
+            assert_load_answer(answer, body)
+
+        started = time.monotonic()
+        load = LoadRun(LOAD_REQUESTS, started + LOAD_DEADLINE, ask, sample)
+        await asyncio.wait_for(load.run(LOAD_CLIENTS), LOAD_DEADLINE + 35)  # + the clients' own 30 s timeout
+        seconds = time.monotonic() - started
+    latencies.sort()
+    first_thousand, last = rss.get(1000, 0), rss.get(LOAD_REQUESTS, 0)
+    growth = max(value for done, value in rss.items() if done >= 1000) - first_thousand if first_thousand else 0
+    figures = {
+        "requests": load.done, "concurrent_clients": LOAD_CLIENTS, "client_connections_open": client_connections,
+        "errors": len(load.failures), "seconds": round(seconds, 2), "requests_per_second": round(load.done / seconds),
+        "latency_ms_p50": round(1000 * latencies[len(latencies) // 2], 1),
+        "latency_ms_p99": round(1000 * latencies[int(len(latencies) * 0.99)], 1),
+        "proxy_cpu_seconds": round(sum(process.cpu_times()[:2]) - cpu_before, 2),
+        "upstream_latency_ms": 1000 * UPSTREAM_LATENCY, "upstream_calls": len(fake_infinity.classify_bodies),
+        "most_upstream_calls_in_flight": fake_infinity.most_in_flight,
+        "max_concurrency": proxy.Config().max_concurrency,
+        "rss_mib_at_start": round(rss[0] / 2**20, 1), "rss_mib_after_first_1000": round(first_thousand / 2**20, 1),
+        "rss_mib_after_last_1000": round(last / 2**20, 1), "rss_mib_most_growth_after_first_1000": round(growth / 2**20, 1),
+        "rss_growth_bound_mib": RSS_GROWTH_BOUND / 2**20,
+        "command": "python -m pytest test_reliability.py -m slow -k under_load -s",
+    }
+    LOAD_FIGURES.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"\nload figures (also in {LOAD_FIGURES}): {json.dumps(figures)}")
+    assert load.failures == []
+    assert load.done == LOAD_REQUESTS, f"only {load.done} requests within {LOAD_DEADLINE} s"
+    assert fake_infinity.most_in_flight <= proxy.Config().max_concurrency
+    assert fake_infinity.empty_inputs == 0
+    assert growth < RSS_GROWTH_BOUND, figures
+
+
+@dataclass
+class RestartableInfinity:
+    """The fake Infinity on a fixed port that the test can stop and start again."""
+
+    fake: FakeInfinity
+    port: int
+    runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def start(self) -> None:
+        self.runner = web.AppRunner(self.fake.app(), shutdown_timeout=2.0)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+
+@pytest.fixture
+async def restartable_infinity() -> AsyncIterator[RestartableInfinity]:
+    infinity = RestartableInfinity(FakeInfinity(), free_port())
+    await infinity.start()
+    yield infinity
+    await infinity.stop()
+
+
+@pytest.mark.slow
+async def test_while_infinity_restarts_the_proxy_answers_502_then_200_without_restarting(
+        spawn_proxy: Callable[..., Awaitable[ProxyProcess]], restartable_infinity: RestartableInfinity) -> None:
+    restartable_infinity.fake.delay = UPSTREAM_LATENCY
+    running = await spawn_proxy(restartable_infinity.url)
+    outcomes: list[tuple[float, float, Answer, int]] = []  # started, finished, answer, request number
+    async with running.session(connections=50) as session:
+        async def ask(i: int) -> None:
+            started = time.monotonic()
+            answer = await post(session, load_body(i))
+            outcomes.append((started, time.monotonic(), answer, i))
+
+        phase = 1.0  # seconds up, then down, then up again
+        load = LoadRun(100_000, time.monotonic() + 3 * phase, ask)
+        clients = asyncio.create_task(load.run(50))
+        await asyncio.sleep(phase)
+        await restartable_infinity.stop()
+        went_away = time.monotonic()
+        await asyncio.sleep(phase)
+        await restartable_infinity.start()
+        came_back = time.monotonic()
+        await asyncio.wait_for(clients, timeout=30)
+    while_away = [answer for started, finished, answer, _ in outcomes if started > went_away and finished < came_back]
+    after = [(answer, i) for started, _, answer, i in outcomes if started > came_back]
+    print(f"\nrestart figures: {len(outcomes)} requests, {len(while_away)} while Infinity was away "
+          f"(slowest {max((a.seconds for a in while_away), default=0) * 1000:.0f} ms), {len(after)} after it came back")
+    assert load.failures == []
+    assert while_away and after
+    for answer in while_away:
+        assert_error(answer, 502, "upstream_error", f"{restartable_infinity.url}/classify")
+        assert answer.seconds < 1.0
+    for answer, i in after:
+        assert_load_answer(answer, load_body(i))
+    assert {answer.status for _, _, answer, _ in outcomes} <= {200, 502}
+    assert running.process.poll() is None  # the same process throughout
