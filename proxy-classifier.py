@@ -73,9 +73,20 @@ def prompt_for(query: str, document: str, instruction: str = "") -> str:
 # classify body is written by hand: the fixed tail is JSON-escaped once here, the head once per
 # request, and only the document once per prompt.
 _escape_json = json.JSONEncoder(ensure_ascii=False).encode  # str -> '"escaped"', C-accelerated
+_escape_ascii_json = json.encoder.encode_basestring_ascii  # the same for ASCII text, 2 to 3 times faster
 compact_json = json.JSONEncoder(separators=(",", ":")).encode
 ESCAPED_PROMPT_TAIL = _escape_json(PROMPT_TAIL)[1:-1]
 PROMPT_OVERHEAD_CHARS = len(prompt_for("", "", "x")) - 1  # with an instruction line
+CLOSING_PROMPT_TAIL = (ESCAPED_PROMPT_TAIL + '"').encode()
+
+
+def escaped_utf8(text: str) -> bytes:
+    """`text` JSON-escaped, without quotes, as UTF-8. Each part of a body is encoded on its own: one
+    document outside ASCII must not turn the whole body into a wide string that is then encoded
+    again (bench/: twice as fast on text that is mostly ASCII). Raises UnicodeEncodeError for an
+    unpaired surrogate."""
+    return (_escape_ascii_json if text.isascii() else _escape_json)(text)[1:-1].encode("utf-8")
+
 
 # Infinity refuses an input over 122,880 characters (422) and 2048 inputs in one call.
 INFINITY_MAX_INPUT_CHARS = 122_880
@@ -87,7 +98,9 @@ INFINITY_MAX_BATCH = 2048
 # --------------------------------------------------------------------------------------------
 
 CONNECT_TIMEOUT_SECONDS = 5.0  # an unreachable Infinity fails fast, whatever --timeout says
-PROBE_TIMEOUT_SECONDS = 5.0  # /health and /ready must answer quickly to orchestrators
+# Probes must answer within what orchestrators wait (Kubernetes: 1 s by default), whatever Infinity does.
+LIVENESS_PROBE_SECONDS = 0.8
+READINESS_PROBE_SECONDS = 0.8
 
 
 @dataclass(frozen=True)
@@ -165,6 +178,8 @@ class Config:
             )
         if url.query_string or url.fragment:
             raise ValueError("--infinity-url must not have a query or fragment")
+        if url.user is not None or url.password is not None:
+            raise ValueError("--infinity-url must not carry credentials; give Infinity's key as --infinity-api-key")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError(f"--log-level must be DEBUG, INFO, WARNING or ERROR (got {self.log_level!r})")
 
@@ -308,12 +323,24 @@ def json_type(value: Any) -> str:
     return "an object"
 
 
+def refuse_non_finite(constant: str) -> float:
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def finite_float(text: str) -> float:
+    """NaN and Infinity are not JSON: a body carrying them (1e999 too) could not be echoed as JSON."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range for a number")
+    return value
+
+
 def decode_body(raw: bytes) -> dict[str, Any]:
     """The request body as a JSON object, whatever its Content-Type says (curl without -H)."""
     if not raw or raw.isspace():
         raise bad_request("the request body is empty; send a JSON object with 'query' and 'documents'")
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=refuse_non_finite, parse_float=finite_float)
     except RecursionError:
         raise bad_request("the request body is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
@@ -396,6 +423,9 @@ def parse_rerank(body: dict[str, Any], config: Config) -> RerankRequest:
     max_tokens = optional_field(body, "max_tokens_per_doc", "integer")
     if max_tokens is not None and max_tokens < 1:
         raise bad_request("'max_tokens_per_doc' must be at least 1", "max_tokens_per_doc")
+    for name, value in (("query", query), ("model", model), ("instruction", instruction)):
+        if value is not None and not (value.isascii() or is_utf8(value)):
+            raise unpaired_surrogate(name)
     texts = [text_of(document, i, rank_fields) for i, document in enumerate(documents)]
     return RerankRequest(
         query=query[: config.max_query_chars],
@@ -469,20 +499,41 @@ def classify_batches(plan: ClassifyPlan, batch_size: int) -> list[range]:
     return [range(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
 
 
-def classify_body(model: str, plan: ClassifyPlan, batch: range) -> bytes:
-    """The /classify JSON body, written by hand: the template is escaped once, not per prompt, and
-    the prompts are joined in one pass (between two documents stands tail + "," + head).
-    Raises 400 for text JSON cannot carry as UTF-8 (a lone surrogate such as "\\ud800")."""
-    head = '"' + _escape_json(plan.prompt_head)[1:-1]
-    tail = ESCAPED_PROMPT_TAIL + '"'
+def classify_bodies(model: str, plan: ClassifyPlan, batch_size: int) -> list[tuple[bytes, int]]:
+    """The /classify calls to make, as (JSON body, number of inputs). Bodies are written by hand:
+    the template is escaped once, not per prompt, and the prompts of a call are joined in one pass
+    (between two documents stands tail + "," + head)."""
     texts = plan.unique_texts
-    documents = (tail + "," + head).join([_escape_json(texts[i])[1:-1] for i in batch])
-    body = '{"model":' + _escape_json(model) + ',"input":[' + head + documents + tail + "]}"
+    head = b'"' + escaped_utf8(plan.prompt_head)  # parse_rerank checked the query and instruction
+    opening = b'{"model":"' + escaped_utf8(model) + b'","input":[' + head
+    separator = CLOSING_PROMPT_TAIL + b"," + head
+    calls = []
+    for batch in classify_batches(plan, batch_size):
+        try:
+            documents = separator.join([escaped_utf8(texts[i]) for i in batch])
+        except UnicodeEncodeError:
+            raise unpaired_surrogate(document_param(plan, batch)) from None
+        calls.append((opening + documents + CLOSING_PROMPT_TAIL + b"]}", len(batch)))
+    return calls
+
+
+def document_param(plan: ClassifyPlan, batch: range) -> str:
+    """Which document holds the text that UTF-8 cannot carry (the error path only)."""
+    bad = next(i for i in batch if not is_utf8(plan.unique_texts[i]))
+    return f"documents[{next(d for d, ids in enumerate(plan.chunks_by_document) if bad in ids)}]"
+
+
+def is_utf8(text: str) -> bool:
     try:
-        return body.encode("utf-8")
+        text.encode("utf-8")
     except UnicodeEncodeError:
-        raise bad_request("the query, instruction, model or a document contains an unpaired "
-                          "UTF-16 surrogate (such as \\ud800), which is not text") from None
+        return False
+    return True
+
+
+def unpaired_surrogate(param: str) -> RerankError:
+    # JSON can carry a lone UTF-16 surrogate ("\ud800"); UTF-8, and so Infinity, cannot.
+    return bad_request(f"{param} contains an unpaired UTF-16 surrogate (such as \\ud800), which is not text", param)
 
 
 def positive_probabilities(answer: Any, expected: int, positive_label: str) -> tuple[list[float], int]:
@@ -521,13 +572,15 @@ def log_odds(p: float) -> float:
 
 def document_scores(plan: ClassifyPlan, prompt_scores: list[float], raw_scores: bool) -> list[float]:
     """A chunked document scores as its best chunk."""
-    best = [max(prompt_scores[i] for i in ids) for ids in plan.chunks_by_document]
+    best = [prompt_scores[ids[0]] if len(ids) == 1 else max(prompt_scores[i] for i in ids)
+            for ids in plan.chunks_by_document]
     return [log_odds(p) for p in best] if raw_scores else best
 
 
 def ranked(scores: list[float], top_n: int | None) -> list[int]:
     """Document indexes, best first; equal scores keep the lower index first."""
-    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    # Python's sort is stable, also with reverse=True: equal scores stay in index order.
+    order = sorted(range(len(scores)), key=scores.__getitem__, reverse=True)
     return order[:top_n] if top_n is not None else order
 
 
@@ -616,43 +669,50 @@ class Infinity:
         self.slots = asyncio.Semaphore(config.max_concurrency)
         self.session: ClientSession | None = None
         self.fresh_session: ClientSession | None = None
+        self.probe_session: ClientSession | None = None
         self.in_flight = 0  # classify calls holding a slot: the tests count them
 
     async def open(self) -> None:
         timeout = ClientTimeout(total=self.config.timeout, sock_connect=CONNECT_TIMEOUT_SECONDS)
         # Room beyond --max-concurrency for probes and forwarded routes, which the semaphore does
         # not bound; keep-alive pooling does the rest.
-        connector = TCPConnector(limit=self.config.max_concurrency + 16, limit_per_host=0,
-                                 # Below uvicorn's 5 s keep-alive (Infinity's server): the proxy drops
-                                 # an idle connection before Infinity does, so stale ones stay rare.
-                                 ttl_dns_cache=300, keepalive_timeout=4)
+        # Keep-alive below uvicorn's 5 s (Infinity's server): the proxy drops an idle connection
+        # before Infinity does, so stale ones stay rare. DNS answers are cached for aiohttp's default
+        # 10 s only: a recreated Infinity container with a new address is found again quickly.
+        connector = TCPConnector(limit=self.config.max_concurrency + 16, limit_per_host=0, keepalive_timeout=4)
         self.session = ClientSession(timeout=timeout, connector=connector, auto_decompress=True,
                                      skip_auto_headers=("User-Agent",), trace_configs=[reuse_tracing()])
         # For the single retry after a stale keep-alive connection: this one never reuses one.
         self.fresh_session = ClientSession(timeout=timeout, connector=TCPConnector(force_close=True))
+        # Probes are open without a key: their own small pool, so a flood of them never takes the
+        # connections that classify calls need.
+        self.probe_session = ClientSession(connector=TCPConnector(limit=4, keepalive_timeout=4))
 
     async def close(self) -> None:
-        for session in (self.session, self.fresh_session):
+        for session in (self.session, self.fresh_session, self.probe_session):
             if session is not None:
                 await session.close()
 
     def auth_headers(self, client_authorization: str | None) -> dict[str, str]:
+        """Without --api-key the client's own Authorization goes through as it came; with it, the
+        proxy vouches for the client and sends its own key (or none). The proxy never lends its
+        key to a client it has not checked."""
+        if not self.config.api_key:
+            return {"Authorization": client_authorization} if client_authorization else {}
         if self.config.infinity_api_key:
             return {"Authorization": f"Bearer {self.config.infinity_api_key}"}
-        if not self.config.api_key and client_authorization:
-            return {"Authorization": client_authorization}
         return {}
 
     def uses_own_key(self) -> bool:
         """A 401/403 from Infinity is the proxy's misconfiguration when the key is not the client's."""
-        return bool(self.config.infinity_api_key or self.config.api_key)
+        return bool(self.config.api_key)
 
     async def classify(self, body: bytes, expected: int, headers: dict[str, str]) -> tuple[list[float], int]:
         """One /classify call: the positive label's probability for each input, and its tokens."""
         async with self.slots:
             self.in_flight += 1
             try:
-                status, answer_headers, raw = await self._post(body, headers)
+                status, answer_headers, raw = await self._post_classify(body, headers)
             finally:
                 self.in_flight -= 1
         if status != 200:
@@ -663,13 +723,14 @@ class Infinity:
             raise RerankError(502, f"Infinity's /classify answer is not JSON: {raw[:200]!r}") from None
         return positive_probabilities(answer, expected, self.config.positive_label)
 
-    async def _post(self, body: bytes, headers: dict[str, str]) -> tuple[int, Any, bytes]:
+    async def _post_classify(self, body: bytes, headers: dict[str, str]) -> tuple[int, Any, bytes]:
         headers = {"Content-Type": "application/json", **headers}
         session = self.session
         for attempt in (1, 2):
             connection = {"reused": False}  # set by reuse_tracing() when the pool hands out a kept-alive one
             try:
-                async with session.post(self.classify_url, data=body, headers=headers,
+                # A redirect is Infinity's answer, not an address to send the prompts to.
+                async with session.post(self.classify_url, data=body, headers=headers, allow_redirects=False,
                                         trace_request_ctx=connection) as response:
                     return response.status, response.headers, await response.read()
             except (client_exceptions.ServerDisconnectedError, client_exceptions.ClientOSError) as exc:
@@ -721,19 +782,16 @@ class Infinity:
                                headers={RETRY_AFTER: retry} if retry else None)
         return RerankError(502, f"Infinity failed with {status}: {message}")
 
-    async def classify_all(self, model: str, plan: ClassifyPlan,
+    async def classify_all(self, calls: list[tuple[bytes, int]],
                            headers: dict[str, str]) -> tuple[list[float], int]:
-        """All prompts of one request, in concurrent calls. The first failure cancels the others:
-        no partial answer is ever returned."""
-        batches = classify_batches(plan, self.config.batch_size)
-        if not batches:
+        """All calls of one request, concurrently. The first failure cancels the others: no partial
+        answer is ever returned."""
+        if not calls:
             return [], 0
-        bodies = [classify_body(model, plan, batch) for batch in batches]  # may raise a 400: before any call
-        calls = [self.classify(body, len(batch), headers) for body, batch in zip(bodies, batches, strict=True)]
         if len(calls) == 1:
-            results = [await calls[0]]
+            results = [await self.classify(*calls[0], headers)]
         else:
-            results = await all_or_nothing(calls)
+            results = await all_or_nothing([self.classify(body, inputs, headers) for body, inputs in calls])
         scores: list[float] = []
         tokens = 0
         for batch_scores, batch_tokens in results:
@@ -748,22 +806,23 @@ class Infinity:
         if url.origin() != self.origin:
             raise RerankError(404, f"no route {raw_path}")
         try:
-            async with self.session.request(method, url, data=body or None, headers=headers) as response:
+            async with self.session.request(method, url, data=body or None, headers=headers,
+                                            allow_redirects=False) as response:  # verbatim, redirects too
                 return response.status, response.headers, await response.read()
         except client_exceptions.ClientError as exc:
             raise self.unreachable(exc, url) from None
         except asyncio.TimeoutError:
             raise RerankError(504, f"Infinity did not answer within --timeout ({self.config.timeout:g} s)") from None
 
-    async def health(self) -> str:
+    async def health(self, within: float) -> str:
         """'ok', or why Infinity's /health does not answer."""
         url = self.origin / "health"
         try:
-            async with self.session.get(url, timeout=ClientTimeout(total=PROBE_TIMEOUT_SECONDS)) as response:
+            async with self.probe_session.get(url, timeout=ClientTimeout(total=within)) as response:
                 await response.read()
                 return "ok" if response.status == 200 else f"{url} answered {response.status}"
         except asyncio.TimeoutError:
-            return f"{url} did not answer within {PROBE_TIMEOUT_SECONDS:g} s"
+            return f"{url} did not answer within {within:g} s"
         except client_exceptions.ClientError as exc:
             return f"cannot reach {url}: {exc or type(exc).__name__}"
 
@@ -807,13 +866,13 @@ async def rerank(request: web.Request, shape: Callable[[RerankRequest, list[floa
     stats = request[STATS]
     stats["documents"] = len(rerank_request.documents)
     plan = plan_prompts(rerank_request, config)
+    calls = classify_bodies(rerank_request.model, plan, config.batch_size)
     stats["chunks"] = len(plan.unique_texts)
-    # Counted before the calls: the log line of a failed request shows the calls it made too.
-    stats["upstream_calls"] = len(classify_batches(plan, config.batch_size))
+    # All calls start at once: counted here, the log line of a failed request shows them too.
+    stats["upstream_calls"] = len(calls)
     try:
         prompt_scores, tokens = await asyncio.wait_for(
-            request.app[INFINITY].classify_all(rerank_request.model, plan, upstream_headers(request)),
-            config.timeout)
+            request.app[INFINITY].classify_all(calls, upstream_headers(request)), config.timeout)
     except asyncio.TimeoutError:
         raise RerankError(504, f"the rerank request did not finish within --timeout ({config.timeout:g} s); "
                           "Infinity is slow or overloaded") from None
@@ -830,40 +889,61 @@ async def rerank_cohere_v2_shape(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "upstream": await request.app[INFINITY].health()})
+    return web.json_response({"status": "ok", "upstream": await request.app[INFINITY].health(LIVENESS_PROBE_SECONDS)})
 
 
 async def ready(request: web.Request) -> web.Response:
-    upstream = await request.app[INFINITY].health()
+    upstream = await request.app[INFINITY].health(READINESS_PROBE_SECONDS)
     if upstream != "ok":
         raise RerankError(503, f"not ready: Infinity is not answering ({upstream})")
     return web.json_response({"status": "ready"})
 
 
 async def models(request: web.Request) -> web.Response:
-    return await forwarded(request, URL(request.app[CONFIG].infinity_url).raw_path.rstrip("/") + "/models")
+    return await forward_to_infinity(request, URL(request.app[CONFIG].infinity_url).raw_path.rstrip("/") + "/models")
 
 
-async def forward(request: web.Request) -> web.Response:
+async def forward_under_prefix(request: web.Request) -> web.Response:
     if ".." in request.path.split("/"):  # decoded, so %2e%2e counts too
         raise RerankError(404, f"no route {request.method} {request.path}")
-    return await forwarded(request, request.rel_url.raw_path)
+    return await forward_to_infinity(request, request.rel_url.raw_path)
 
 
-async def forwarded(request: web.Request, raw_path: str) -> web.Response:
+async def forward_to_infinity(request: web.Request, raw_path: str) -> web.Response:
     """Infinity's own answer, status and body verbatim: one base URL serves embeddings too."""
+    body = await request.read()
+    refuse_blank_inputs(body)
     headers = upstream_headers(request)
     for name in ("Content-Type", "Accept"):
         if name in request.headers:
             headers[name] = request.headers[name]
-    status, answer_headers, body = await request.app[INFINITY].forward(
-        request.method, raw_path, request.rel_url.raw_query_string, await request.read(), headers)
+    infinity = request.app[INFINITY]
+    status, answer_headers, answer = await infinity.forward(
+        request.method, raw_path, request.rel_url.raw_query_string, body, headers)
     request[STATS]["upstream_calls"] = 1
-    response = web.Response(status=status, body=body)
-    for name in ("Content-Type", RETRY_AFTER):
+    if status in (401, 403) and infinity.uses_own_key():
+        raise infinity.failure(status, answer_headers, answer)  # the proxy's key: a 502, as for reranks
+    response = web.Response(status=status, body=answer)
+    for name in ("Content-Type", RETRY_AFTER, "Location"):
         if name in answer_headers:
             response.headers[name] = answer_headers[name]
     return response
+
+
+def refuse_blank_inputs(body: bytes) -> None:
+    """An input that is empty after stripping can stall Infinity's batch worker for good (while its
+    /health still answers): forwarded calls (/embeddings, /classify) must not carry one either."""
+    if b'"input"' not in body:
+        return
+    try:
+        parsed = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return  # not JSON: Infinity answers that itself
+    inputs = parsed.get("input") if isinstance(parsed, dict) else None
+    for i, text in enumerate([inputs] if isinstance(inputs, str) else inputs if isinstance(inputs, list) else []):
+        if isinstance(text, str) and not text.strip():
+            param = "input" if isinstance(inputs, str) else f"input[{i}]"
+            raise bad_request(f"{param} is empty or only whitespace; Infinity cannot take an empty input", param)
 
 
 # --------------------------------------------------------------------------------------------
@@ -877,8 +957,10 @@ def bearer_matches(header: str | None, key: str) -> bool:
     if not header:
         return False
     scheme, _, token = header.partition(" ")
+    # aiohttp keeps header bytes that are not UTF-8 as surrogate escapes: compare the bytes as sent.
+    sent = token.strip().encode("utf-8", "surrogateescape")
     # Constant-time: the comparison must not reveal how much of a guess was right.
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+    return scheme.lower() == "bearer" and hmac.compare_digest(sent, key.encode("utf-8", "surrogateescape"))
 
 
 @web.middleware
@@ -961,13 +1043,16 @@ def make_app(config: Config) -> web.Application:
     for path, methods, handler in routes:
         app.router.add_route("*", path, only(methods, handler))
     prefix = config.infinity_prefix
-    app.router.add_route("*", prefix + "/{tail:.*}", forward)
+    app.router.add_route("*", prefix + "/{tail:.*}", forward_under_prefix)
     return app
 
 
 def main(argv: list[str] | None = None) -> None:
     config = load_config(argv)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if config.infinity_api_key and not config.api_key:
+        log.warning("--infinity-api-key is used only with --api-key: without it, each client's own "
+                    "Authorization header goes to Infinity as it came")
     log.info("listening on %s:%d, Infinity at %s, model %s", config.host, config.port, config.infinity_url,
              config.model)
     web.run_app(make_app(config), host=config.host, port=config.port, access_log=None, print=None,

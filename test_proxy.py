@@ -6,6 +6,7 @@ test_e2e.py checks the same chain against the real server.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -102,8 +103,10 @@ async def test_upstream_receives_instruction_from_request_or_default(make_proxy:
 def test_hand_written_classify_body_is_the_json_of_the_prompts(text: str) -> None:
     request = proxy.parse_rerank({"query": text, "documents": [text, "x"], "instruction": text}, proxy.Config())
     plan = proxy.plan_prompts(request, proxy.Config())
-    body = json.loads(proxy.classify_body("m", plan, range(2)))
-    assert body == {"model": "m", "input": [proxy.prompt_for(text, text, text), proxy.prompt_for(text, "x", text)]}
+    [(body, inputs)] = proxy.classify_bodies("m", plan, 256)
+    assert inputs == 2
+    assert json.loads(body) == {"model": "m", "input": [proxy.prompt_for(text, text, text),
+                                                       proxy.prompt_for(text, "x", text)]}
 
 
 async def test_text_goes_into_the_prompt_verbatim_without_stripping(client: Any, fake_infinity: Any) -> None:
@@ -344,6 +347,12 @@ async def test_max_tokens_per_doc_cuts_documents_to_three_characters_a_token(cli
     assert document_in(fake_infinity.inputs[0].strip()) == "abcdefghijkl"
 
 
+async def test_max_tokens_per_doc_cuts_before_chunking(make_proxy: Any, fake_infinity: Any) -> None:
+    client = await make_proxy(max_doc_chars=10)
+    await rerank(client, {"query": "q", "documents": ["a" * 10 + "b" * 10 + "c" * 10], "max_tokens_per_doc": 4})
+    assert [document_in(p.strip()) for p in fake_infinity.inputs] == ["a" * 10, "bb"]
+
+
 async def test_query_is_cut_to_max_query_chars(make_proxy: Any, fake_infinity: Any) -> None:
     client = await make_proxy(max_query_chars=5)
     await rerank(client, {"query": "0123456789", "documents": ["d"]})
@@ -459,10 +468,23 @@ async def test_too_many_documents_is_400(make_proxy: Any, fake_infinity: Any) ->
     assert fake_infinity.classify_bodies == []
 
 
-async def test_lone_surrogate_is_400_not_sent_upstream(client: Any, fake_infinity: Any) -> None:
-    status, answer = await rerank(client, b'{"query": "q", "documents": ["bad \\ud800 text"]}')
-    assert_error(status, answer, 400, "surrogate")
+@pytest.mark.parametrize(("body", "param"), [
+    (b'{"query": "q", "documents": ["ok", "bad \\ud800 text"]}', "documents[1]"),
+    (b'{"query": "q \\udfff", "documents": ["ok"]}', "query"),
+    (b'{"query": "q", "documents": [], "model": "m\\ud800"}', "model"),
+    (b'{"query": "q", "documents": ["ok"], "instruction": "\\ud800"}', "instruction"),
+])
+async def test_lone_surrogate_is_400_naming_its_field_and_not_sent_upstream(
+        client: Any, fake_infinity: Any, body: bytes, param: str) -> None:
+    status, answer = await rerank(client, body)
+    assert_error(status, answer, 400, "surrogate", param, param=param)
     assert fake_infinity.classify_bodies == []
+
+
+@pytest.mark.parametrize("number", [b"NaN", b"Infinity", b"-Infinity", b"1e999"])
+async def test_non_finite_numbers_are_400(client: Any, number: bytes) -> None:
+    status, answer = await rerank(client, b'{"query": "q", "documents": [{"text": "a", "x": ' + number + b"}]}")
+    assert_error(status, answer, 400, "not valid JSON")
 
 
 async def test_unknown_fields_are_ignored(client: Any) -> None:
@@ -505,11 +527,16 @@ async def test_infinity_403_to_the_clients_key_is_403(client: Any, fake_infinity
     assert_error(status, answer, 403, "Forbidden")
 
 
-async def test_infinity_401_to_the_proxys_own_key_is_502(make_proxy: Any, fake_infinity: Any) -> None:
+@pytest.mark.parametrize("infinity_api_key", ["wrong", ""])
+async def test_infinity_401_to_the_proxys_own_key_is_502(make_proxy: Any, fake_infinity: Any,
+                                                        infinity_api_key: str) -> None:
     fake_infinity.api_key = "right"
-    client = await make_proxy(infinity_api_key="wrong")
-    status, answer = await rerank(client, {"query": "q", "documents": ["a"]})
+    client = await make_proxy(api_key="proxy-key", infinity_api_key=infinity_api_key)
+    client_key = {"Authorization": "Bearer proxy-key"}
+    status, answer = await rerank(client, {"query": "q", "documents": ["a"]}, headers=client_key)
     assert_error(status, answer, 502, "--infinity-api-key", "Unauthorized")
+    response = await client.get("/v1/models", headers=client_key)  # forwarded routes alike
+    assert_error(response.status, await response.json(), 502, "--infinity-api-key")
 
 
 async def test_infinity_404_is_502_with_prefix_hint(make_proxy: Any, fake_infinity: Any) -> None:
@@ -555,12 +582,31 @@ async def test_infinity_answer_of_the_wrong_shape_is_502(client: Any, fake_infin
     assert_error(status, answer, 502, *words)
 
 
-@pytest.mark.parametrize("text", ['{"data": [[{"label": "1", "score": NaN}]]}', "<html>Bad Gateway</html>"])
-async def test_infinity_nan_score_or_html_is_502(client: Any, fake_infinity: Any, text: str) -> None:
+@pytest.mark.parametrize(("text", "words"), [('{"data": [[{"label": "1", "score": NaN}]]}', ["not a probability", "nan"]),
+                                             ("<html>Bad Gateway</html>", ["not JSON", "Bad Gateway"])])
+async def test_infinity_nan_score_or_html_is_502(client: Any, fake_infinity: Any, text: str, words: list[str]) -> None:
     fake_infinity.fault = answer_with(200, text, raw=True)
     status, answer = await rerank(client, {"query": "q", "documents": ["a"]})
-    assert status == 502
-    assert "not a probability" in answer["error"]["message"] or "not JSON" in answer["error"]["message"]
+    assert_error(status, answer, 502, *words)
+
+
+async def test_infinity_redirect_is_not_followed(client: Any, fake_infinity: Any, aiohttp_server: Any) -> None:
+    elsewhere = web.Application()
+    visits: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        visits.append(request.path)
+        return web.json_response({"data": []})
+
+    elsewhere.router.add_route("*", "/{tail:.*}", record)
+    other = await aiohttp_server(elsewhere, host="127.0.0.1")
+    fake_infinity.fault = answer_with(307, {}, headers={"Location": str(other.make_url("/stolen"))})
+    status, answer = await rerank(client, {"query": "q", "documents": ["a"]})
+    assert_error(status, answer, 502, "307")
+    response = await client.post("/v1/embeddings", data=b'{"input": ["x"]}', allow_redirects=False)
+    assert response.status == 307  # forwarded verbatim, Location included, not followed
+    assert response.headers["Location"] == str(other.make_url("/stolen"))
+    assert visits == []
 
 
 async def test_unreachable_infinity_is_502_naming_the_url(make_proxy: Any) -> None:
@@ -657,7 +703,10 @@ async def test_log_line_of_a_failed_request_counts_the_calls_it_made(
 # ---------------------------------------------------------------------------------------------
 
 
-async def test_without_api_key_the_clients_authorization_is_forwarded(client: Any, fake_infinity: Any) -> None:
+@pytest.mark.parametrize("infinity_api_key", ["", "not-lent-to-unchecked-clients"])
+async def test_without_api_key_the_clients_authorization_is_forwarded(
+        make_proxy: Any, fake_infinity: Any, infinity_api_key: str) -> None:
+    client = await make_proxy(infinity_api_key=infinity_api_key)
     await rerank(client, {"query": "q", "documents": ["a"]}, headers={"Authorization": "Bearer client-token"})
     await client.get("/v1/models", headers={"Authorization": "Bearer client-token"})
     assert fake_infinity.classify_headers[0]["Authorization"] == "Bearer client-token"
@@ -669,8 +718,8 @@ async def test_with_api_key_a_missing_or_wrong_key_is_401(make_proxy: Any, fake_
                                                           authorization: str | None) -> None:
     client = await make_proxy(api_key="secret")
     headers = {"Authorization": authorization} if authorization else {}
-    for method, path in (("POST", "/v1/rerank"), ("POST", "/v2/rerank"), ("GET", "/v1/models"),
-                         ("POST", "/v1/embeddings")):
+    for method, path in (("POST", "/rerank"), ("POST", "/v1/rerank"), ("POST", "/v2/rerank"), ("GET", "/models"),
+                         ("GET", "/v1/models"), ("POST", "/v1/embeddings"), ("GET", "/v1/anything")):
         response = await client.request(method, path, json={"query": "q", "documents": ["a"]}, headers=headers)
         assert_error(response.status, await response.json(), 401, "Authorization: Bearer")
     assert fake_infinity.classify_bodies == [] and fake_infinity.forwarded == []
@@ -692,6 +741,18 @@ async def test_with_api_key_and_no_infinity_key_infinity_gets_no_authorization(
     client = await make_proxy(api_key="secret")
     await rerank(client, {"query": "q", "documents": ["a"]}, headers={"Authorization": "Bearer secret"})
     assert "Authorization" not in fake_infinity.classify_headers[0]
+
+
+async def test_a_bearer_token_that_is_not_utf8_is_401_not_500(make_proxy: Any) -> None:
+    client = await make_proxy(api_key="secret")
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    body = b'{"query": "q", "documents": ["a"]}'
+    writer.write(b"POST /v1/rerank HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\nConnection: close\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 401 ")
+    assert b'"authentication_error"' in answer
 
 
 async def test_probes_are_open_without_a_key(make_proxy: Any) -> None:
@@ -751,8 +812,17 @@ async def test_with_an_empty_prefix_everything_else_is_forwarded(make_proxy: Any
     response = await client.post("/v1/embeddings", data=b"{}")
     assert response.status == 200
     assert fake_infinity.forwarded[0][1] == "/v1/embeddings"
-    status, _ = await rerank(client, {"query": "q", "documents": ["a"]}, "/rerank")
-    assert status == 502  # Infinity has no /classify without its prefix: the 404 hint
+    status, answer = await rerank(client, {"query": "q", "documents": ["a"]}, "/rerank")
+    assert_error(status, answer, 502, "404", "prefix")  # this Infinity has no /classify without its prefix
+
+
+@pytest.mark.parametrize(("body", "param"), [(b'{"model": "m", "input": ["ok", "  "]}', "input[1]"),
+                                             (b'{"model": "m", "input": ""}', "input")])
+async def test_forwarded_call_with_a_blank_input_is_400_and_not_sent(
+        client: Any, fake_infinity: Any, body: bytes, param: str) -> None:
+    response = await client.post("/v1/embeddings", data=body)
+    assert_error(response.status, await response.json(), 400, param, "empty", param=param)
+    assert fake_infinity.forwarded == []
 
 
 async def test_health_is_ok_and_says_infinity_answers(client: Any) -> None:
@@ -767,6 +837,23 @@ async def test_health_is_200_and_says_why_when_infinity_is_down(make_proxy: Any)
     answer = await response.json()
     assert response.status == 200 and answer["status"] == "ok"
     assert f"127.0.0.1:{port}/health" in answer["upstream"] and "cannot reach" in answer["upstream"]
+
+
+async def test_probes_answer_within_a_second_when_infinity_hangs(make_proxy: Any, aiohttp_server: Any) -> None:
+    async def hang(request: web.Request) -> web.Response:
+        await asyncio.sleep(30)
+        return web.json_response({})
+
+    stalled = web.Application()
+    stalled.router.add_get("/health", hang)
+    server = await aiohttp_server(stalled, host="127.0.0.1")
+    client = await make_proxy(infinity_url=str(server.make_url("/v1")))
+    for path, status in (("/health", 200), ("/ready", 503)):
+        started = time.monotonic()
+        response = await client.get(path)
+        assert response.status == status
+        assert time.monotonic() - started < 1.5
+    assert "did not answer within" in (await (await client.get("/health")).json())["upstream"]
 
 
 async def test_ready_is_200_when_infinity_answers_else_503(make_proxy: Any, fake_infinity: Any) -> None:
@@ -818,6 +905,7 @@ def test_environment_variables_set_options_and_flags_win() -> None:
     (["--max-doc-chars", "120000"], {}, ["--max-doc-chars", "122880"]),
     (["--infinity-url", "localhost:7997"], {}, ["--infinity-url"]),
     (["--log-level", "LOUD"], {}, ["--log-level"]),
+    (["--infinity-url", "http://user:pw@infinity:7997/v1"], {}, ["--infinity-url", "credentials"]),
     ([], {"MAX_DOCUMENTS": "many"}, ["MAX_DOCUMENTS", "many"]),
     (["--port", "eighty"], {}, ["--port", "eighty"]),
 ])
