@@ -978,6 +978,13 @@ def test_readme_documents_every_option_and_its_test_command_is_cis() -> None:
     readme = (ROOT / "README.md").read_text()
     for flag, _, _ in proxy.OPTIONS:
         assert f"`{flag}`" in readme and f"`{proxy.env_name(flag)}`" in readme, flag
+    assert not re.search(r"^[A-Z][A-Z_]{5,}$", readme, re.M), "a placeholder is left in the README"
+    defaults = proxy.Config()
+    for flag, _, _ in proxy.OPTIONS:
+        row = next(line for line in readme.splitlines() if line.startswith(f"| `{flag}` |"))
+        value = getattr(defaults, flag[2:].replace("-", "_"))
+        shown = "(none)" if value == "" else f"{value:g}" if isinstance(value, float) else str(value)
+        assert f"| `{shown}`" in row or f"| {shown} |" in row or f"| `{shown}` (" in row, (flag, shown, row)
     ci = (ROOT / ".ci" / "run").read_text()
     assert "./setup.sh --dev" in ci and ".venv/bin/python -m pytest" in ci
     assert "./setup.sh --dev" in readme and ".venv/bin/python -m pytest" in readme

@@ -626,6 +626,36 @@ async def test_any_rerank_shaped_body_gets_a_json_4xx_or_the_correct_200(
     assert fake_infinity.empty_inputs == 0
 
 
+# Valid text: any character but an unpaired surrogate (which no UTF-8 text can hold).
+valid_texts = st.text(st.characters(exclude_categories=("Cs",)), max_size=30)
+valid_bodies = st.fixed_dictionaries({
+    "query": valid_texts.filter(lambda query: query.strip() != ""),
+    "documents": st.lists(valid_texts | st.fixed_dictionaries({"text": valid_texts}), max_size=6),
+}, optional={
+    "top_n": st.none() | st.integers(-2, 8),
+    "return_documents": st.none() | st.booleans(),
+    "raw_scores": st.none() | st.booleans(),
+    "instruction": st.none() | valid_texts,
+    "model": st.none() | valid_texts,
+    "max_tokens_per_doc": st.none() | st.integers(1, 12),
+    "max_chunks_per_doc": st.none() | st.integers(1, 3),
+    "extra": json_values,
+})
+
+
+@HOSTILE
+@given(body=valid_bodies, path=st.sampled_from(RERANK_PATHS))
+async def test_any_valid_body_gets_the_correct_200(
+        client: Any, fake_infinity: FakeInfinity, body: dict[str, Any], path: str) -> None:
+    # The tests above accept any 4xx; this one makes sure valid bodies are never among them.
+    answer = await post(client, body, path)
+    assert answer.status == 200, answer.body
+    assert answer.seconds < 1.0
+    config = client.server.app[proxy.CONFIG]
+    assert [(r["index"], r["relevance_score"]) for r in answer.body["results"]] == expected_results(body, config)
+    assert fake_infinity.empty_inputs == 0
+
+
 @HOSTILE
 @given(body=json_values, path=st.sampled_from(RERANK_PATHS))
 async def test_any_json_body_gets_a_json_4xx_or_the_correct_200(client: Any, body: Any, path: str) -> None:
