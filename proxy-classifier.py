@@ -256,10 +256,11 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
 class RerankError(Exception):
     """Any failure the client should see; rendered as the contract's JSON by one middleware."""
 
-    TYPES: ClassVar[dict[int, str]] = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-             404: "not_found_error", 405: "method_not_allowed", 413: "request_too_large",
-             429: "rate_limit_error", 502: "upstream_error", 503: "service_unavailable",
-             504: "timeout_error"}
+    TYPES: ClassVar[dict[int, str]] = {
+        400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+        405: "method_not_allowed", 413: "request_too_large", 429: "rate_limit_error", 502: "upstream_error",
+        503: "service_unavailable", 504: "timeout_error",
+    }
 
     def __init__(self, status: int, message: str, param: str | None = None,
                  headers: dict[str, str] | None = None) -> None:
@@ -860,7 +861,11 @@ def upstream_headers(request: web.Request) -> dict[str, str]:
     return headers
 
 
-async def rerank(request: web.Request, shape: Callable[[RerankRequest, list[float], int], dict[str, Any]]) -> web.Response:
+AnswerShape = Callable[[RerankRequest, list[float], int], dict[str, Any]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def rerank(request: web.Request, shape: AnswerShape) -> web.Response:
     config = request.app[CONFIG]
     rerank_request = parse_rerank(decode_body(await request.read()), config)
     stats = request[STATS]
@@ -964,7 +969,7 @@ def bearer_matches(header: str | None, key: str) -> bool:
 
 
 @web.middleware
-async def errors_and_log(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def errors_and_log(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, auth, one log line per request, and every error as the contract's JSON."""
     started = time.perf_counter()
     incoming = request.headers.get(REQUEST_ID, "")
@@ -1013,7 +1018,7 @@ def error_response(exc: RerankError) -> web.Response:
     return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
 
 
-def only(methods: tuple[str, ...], handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+def only(methods: tuple[str, ...], handler: Handler) -> Handler:
     """Local routes answer any other method with a local 405, never by forwarding it."""
 
     async def checked(request: web.Request) -> web.StreamResponse:
