@@ -609,6 +609,14 @@ def assert_json_4xx(answer: Answer) -> None:
     assert answer.body["error"]["code"] == answer.status
 
 
+def assert_correct_200(answer: Answer, body: dict[str, Any], client: Any, fake: FakeInfinity | None = None) -> None:
+    assert answer.status == 200, answer.body
+    config = client.server.app[proxy.CONFIG]
+    assert [(r["index"], r["relevance_score"]) for r in answer.body["results"]] == expected_results(body, config)
+    if fake is not None:
+        assert fake.empty_inputs == 0
+
+
 HOSTILE = settings(max_examples=200, deadline=1000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -621,9 +629,7 @@ async def test_any_rerank_shaped_body_gets_a_json_4xx_or_the_correct_200(
     if answer.status != 200:
         assert_json_4xx(answer)
         return
-    config = client.server.app[proxy.CONFIG]
-    assert [(r["index"], r["relevance_score"]) for r in answer.body["results"]] == expected_results(body, config)
-    assert fake_infinity.empty_inputs == 0
+    assert_correct_200(answer, body, client, fake_infinity)
 
 
 # Valid text: any character but an unpaired surrogate (which no UTF-8 text can hold).
@@ -649,11 +655,8 @@ async def test_any_valid_body_gets_the_correct_200(
         client: Any, fake_infinity: FakeInfinity, body: dict[str, Any], path: str) -> None:
     # The tests above accept any 4xx; this one makes sure valid bodies are never among them.
     answer = await post(client, body, path)
-    assert answer.status == 200, answer.body
     assert answer.seconds < 1.0
-    config = client.server.app[proxy.CONFIG]
-    assert [(r["index"], r["relevance_score"]) for r in answer.body["results"]] == expected_results(body, config)
-    assert fake_infinity.empty_inputs == 0
+    assert_correct_200(answer, body, client, fake_infinity)
 
 
 @HOSTILE
@@ -664,8 +667,7 @@ async def test_any_json_body_gets_a_json_4xx_or_the_correct_200(client: Any, bod
     if answer.status != 200:
         assert_json_4xx(answer)
         return
-    config = client.server.app[proxy.CONFIG]
-    assert [(r["index"], r["relevance_score"]) for r in answer.body["results"]] == expected_results(body, config)
+    assert_correct_200(answer, body, client)
 
 
 @HOSTILE
