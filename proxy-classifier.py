@@ -667,6 +667,7 @@ class Infinity:
         self.config = config
         self.origin = config.infinity_origin
         self.classify_url = config.infinity_url.rstrip("/") + "/classify"
+        self.models_path = URL(config.infinity_url).raw_path.rstrip("/") + "/models"
         self.slots = asyncio.Semaphore(config.max_concurrency)
         self.session: ClientSession | None = None
         self.fresh_session: ClientSession | None = None
@@ -751,7 +752,7 @@ class Infinity:
         if isinstance(exc, client_exceptions.ConnectionTimeoutError):
             return RerankError(502, f"could not connect to Infinity at {url} within {CONNECT_TIMEOUT_SECONDS:g} s; "
                                "is it running and is --infinity-url right?")
-        if isinstance(exc, client_exceptions.ServerTimeoutError):
+        if isinstance(exc, asyncio.TimeoutError):  # aiohttp's read timeouts and its total timeout alike
             return RerankError(504, f"Infinity did not answer within --timeout ({self.config.timeout:g} s)")
         reason = str(exc) or type(exc).__name__
         if isinstance(exc, client_exceptions.ClientConnectorError):
@@ -810,10 +811,8 @@ class Infinity:
             async with self.session.request(method, url, data=body or None, headers=headers,
                                             allow_redirects=False) as response:  # verbatim, redirects too
                 return response.status, response.headers, await response.read()
-        except client_exceptions.ClientError as exc:
+        except (client_exceptions.ClientError, asyncio.TimeoutError) as exc:
             raise self.unreachable(exc, url) from None
-        except asyncio.TimeoutError:
-            raise RerankError(504, f"Infinity did not answer within --timeout ({self.config.timeout:g} s)") from None
 
     async def health(self, within: float) -> str:
         """'ok', or why Infinity's /health does not answer."""
@@ -905,7 +904,7 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def models(request: web.Request) -> web.Response:
-    return await forward_to_infinity(request, URL(request.app[CONFIG].infinity_url).raw_path.rstrip("/") + "/models")
+    return await forward_to_infinity(request, request.app[INFINITY].models_path)
 
 
 async def forward_under_prefix(request: web.Request) -> web.Response:
