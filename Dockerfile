@@ -6,7 +6,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-RUN useradd --create-home --uid 10001 proxy
+# Not "proxy": Debian's base-passwd already has a system user of that name (uid 13), in every Debian-based image.
+RUN useradd --create-home --uid 10001 reranker
 WORKDIR /app
 
 # Requirements first, in their own layer: a change to the code does not reinstall them.
@@ -15,14 +16,14 @@ RUN pip install -r requirements.txt
 
 COPY proxy-classifier.py ./
 
-USER proxy
+USER reranker
 EXPOSE 8002
 # Every option is an environment variable too (INFINITY_URL, MODEL, BATCH_SIZE, API_KEY, ...).
 ENV INFINITY_URL=http://infinity:7997/v1
 
-# Slim images have no curl: the probe uses Python's standard library.
+# Slim images have no curl: the probe uses Python's standard library, on the port the proxy listens on (PORT).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=5s --retries=3 \
-    CMD ["python", "-c", "import urllib.request, sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8002/health', timeout=4).status != 200)"]
+    CMD ["python", "-c", "import os, sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8002'), timeout=4).status != 200)"]
 
 # SIGTERM stops accepting, lets requests in flight finish (up to --timeout), then exits.
 STOPSIGNAL SIGTERM

@@ -967,7 +967,8 @@ def test_dockerfile_runs_the_proxy_as_non_root_with_a_stdlib_healthcheck() -> No
     for copied in re.findall(r"^COPY (?:--\S+ )*(\S+) ", dockerfile, re.M):
         assert (ROOT / copied).exists(), copied
     healthcheck = dockerfile[dockerfile.index("\nHEALTHCHECK "):].split("\n\n")[0]
-    assert "urllib.request" in healthcheck and "8002/health" in healthcheck and "curl" not in healthcheck
+    assert "urllib.request" in healthcheck and "/health" in healthcheck and "curl" not in healthcheck
+    assert "os.environ.get('PORT', '8002')" in healthcheck  # it probes the port the proxy listens on
     assert re.search(r'^CMD \["python", "proxy-classifier.py"\]', dockerfile, re.M)
     assert re.search(r"^EXPOSE 8002$", dockerfile, re.M)
     # requirements are installed before the code is copied, so code changes keep the cached layer
