@@ -23,7 +23,7 @@ from aiohttp import web
 from aioresponses import aioresponses
 from yarl import URL
 
-from conftest import ROOT, SERVED_MODEL, document_in, free_port, hashed_probability, proxy
+from conftest import LOADED_MACHINE_SLACK, ROOT, SERVED_MODEL, document_in, free_port, hashed_probability, proxy
 
 QUERY = "What is the capital of the United States?"
 DOCUMENTS = [
@@ -618,11 +618,11 @@ async def test_unreachable_infinity_is_502_naming_the_url(make_proxy: Any) -> No
 
 async def test_rerank_slower_than_timeout_is_504_within_the_timeout(make_proxy: Any, fake_infinity: Any) -> None:
     client = await make_proxy(timeout=0.5)
-    fake_infinity.delay = 5
+    fake_infinity.delay = 3600  # never, for this test: the 504 is the proxy's own timer
     started = time.monotonic()
     status, answer = await rerank(client, {"query": "q", "documents": ["a"]})
     assert_error(status, answer, 504, "--timeout", "0.5")
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 0.5 + LOADED_MACHINE_SLACK
 
 
 async def test_unknown_route_is_json_404(client: Any) -> None:
@@ -841,7 +841,7 @@ async def test_health_is_200_and_says_why_when_infinity_is_down(make_proxy: Any)
 
 async def test_probes_answer_within_a_second_when_infinity_hangs(make_proxy: Any, aiohttp_server: Any) -> None:
     async def hang(request: web.Request) -> web.Response:
-        await asyncio.sleep(30)
+        await asyncio.sleep(3600)  # never, for this test
         return web.json_response({})
 
     stalled = web.Application()
@@ -852,7 +852,7 @@ async def test_probes_answer_within_a_second_when_infinity_hangs(make_proxy: Any
         started = time.monotonic()
         response = await client.get(path)
         assert response.status == status
-        assert time.monotonic() - started < 1.5
+        assert time.monotonic() - started < 0.8 + LOADED_MACHINE_SLACK  # the probes' own 0.8 s, on a loaded machine
     assert "did not answer within" in (await (await client.get("/health")).json())["upstream"]
 
 
