@@ -12,12 +12,14 @@ import asyncio
 import hashlib
 import importlib.util
 import os
+import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from aiohttp import web
 from hypothesis import HealthCheck, settings
@@ -171,11 +173,37 @@ LOADED_MACHINE_SLACK = 10.0
 
 
 def free_port() -> int:
-    import socket
-
+    """A port free a moment ago: another process may take it before it is used. For a port where
+    connections must be refused use `unlistened_socket`; a server started on it must check it got it."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def tcp_connections(process: psutil.Process) -> list[Any]:
+    # psutil 6 renamed connections() to net_connections(); requirements-dev.txt allows 5.9 too.
+    return (process.net_connections if hasattr(process, "net_connections") else process.connections)("tcp")
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether the process, or one it started, listens on the port: a server started on a port from
+    free_port() may find it taken, and another program answering there is not that server."""
+    try:
+        family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        return any(connection.status == psutil.CONN_LISTEN and connection.laddr.port == port
+                   for process in family for connection in tcp_connections(process))
+    except psutil.Error:  # it has just exited
+        return False
+
+
+@pytest.fixture
+def unlistened_socket() -> Iterator[socket.socket]:
+    """A socket bound to a port on 127.0.0.1 that does not listen: a connection there is refused, and
+    no other process can take the port while the test runs. A test may start a server on it later
+    (web.SockSite), with no moment where the port is free."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock
 
 
 def strict_environment() -> bool:

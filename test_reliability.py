@@ -34,7 +34,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
-from conftest import LOADED_MACHINE_SLACK, ROOT, FakeInfinity, free_port, hashed_probability, proxy
+from conftest import (
+    LOADED_MACHINE_SLACK,
+    ROOT,
+    FakeInfinity,
+    free_port,
+    hashed_probability,
+    listens_on,
+    proxy,
+    tcp_connections,
+)
 
 FaultHook = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
 
@@ -127,11 +136,6 @@ def tasks_running_proxy_code() -> list[asyncio.Task[Any]]:
 
 def port_of(url: str) -> int:
     return URL(url).port  # type: ignore[return-value]
-
-
-def tcp_connections(process: psutil.Process) -> list[Any]:
-    # psutil 6 renamed connections() to net_connections(); requirements-dev.txt allows 5.9 too.
-    return (process.net_connections if hasattr(process, "net_connections") else process.connections)("tcp")
 
 
 def connections_to(port: int, pid: int | None = None) -> int:
@@ -353,28 +357,30 @@ NOTHING_LEFT = {"proxy calls in flight": 0, "fake calls in flight": 0, "tasks ru
 
 
 @pytest.fixture
-def full_accept_queue() -> Iterator[Callable[[], tuple[int, Callable[[], None]]]]:
+def full_accept_queue() -> Iterator[Callable[[], tuple[socket.socket, Callable[[], None]]]]:
     """A port whose listener never accepts and whose accept queue is full: Linux drops the SYN of a
-    new connection there, so connecting times out (a stand-in for a host that does not answer)."""
+    new connection there, so connecting times out (a stand-in for a host that does not answer).
+    Releasing it empties the queue; the listener stays, for a server to take over."""
     sockets: list[socket.socket] = []
 
-    def make() -> tuple[int, Callable[[], None]]:
+    def make() -> tuple[socket.socket, Callable[[], None]]:
         listener = socket.socket()
         listener.bind(("127.0.0.1", 0))
         listener.listen(0)
-        port = listener.getsockname()[1]
         sockets.append(listener)
+        fillers = []
         for _ in range(3):  # fill the queue
             filler = socket.socket()
             filler.setblocking(False)
-            filler.connect_ex(("127.0.0.1", port))
-            sockets.append(filler)
+            filler.connect_ex(listener.getsockname())
+            fillers.append(filler)
+        sockets.extend(fillers)
 
         def release() -> None:
-            for sock in sockets:
-                sock.close()
+            for filler in fillers:
+                filler.close()
 
-        return port, release
+        return listener, release
 
     yield make
     for sock in sockets:
@@ -382,10 +388,12 @@ def full_accept_queue() -> Iterator[Callable[[], tuple[int, Callable[[], None]]]
 
 
 @pytest.fixture
-def break_upstream(make_proxy: Callable[..., Awaitable[Any]], upstream: Upstream, fake_infinity: FakeInfinity,
-                   aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch,
-                   full_accept_queue: Callable[[], tuple[int, Callable[[], None]]],
-                   ) -> Callable[[Fault], Awaitable[FaultyWorld]]:
+async def break_upstream(make_proxy: Callable[..., Awaitable[Any]], upstream: Upstream, fake_infinity: FakeInfinity,
+                         unlistened_socket: socket.socket, monkeypatch: pytest.MonkeyPatch,
+                         full_accept_queue: Callable[[], tuple[socket.socket, Callable[[], None]]],
+                         ) -> AsyncIterator[Callable[[Fault], Awaitable[FaultyWorld]]]:
+    runners: list[web.AppRunner] = []
+
     async def make(fault: Fault) -> FaultyWorld:
         if fault.upstream == "fake":
             assert fault.hook is not None
@@ -397,21 +405,27 @@ def break_upstream(make_proxy: Callable[..., Awaitable[Any]], upstream: Upstream
 
             return FaultyWorld(client, upstream, fake_infinity.url, heal)
         if fault.upstream == "nothing listening":
-            port, release = free_port(), lambda: None
+            held, release = unlistened_socket, lambda: None
         else:
             monkeypatch.setattr(proxy, "CONNECT_TIMEOUT_SECONDS", 0.5)
-            port, release = full_accept_queue()
-        url = f"http://127.0.0.1:{port}/v1"
+            held, release = full_accept_queue()
+        url = f"http://127.0.0.1:{held.getsockname()[1]}/v1"
         client = await make_proxy(infinity_url=url, timeout=fault.timeout)
         fake = FakeInfinity()
 
         async def start_infinity_there() -> None:
             release()
-            await aiohttp_server(fake.app(), host="127.0.0.1", port=port)
+            # On the socket held all along: no moment where another process could take the port.
+            runner = web.AppRunner(fake.app())
+            await runner.setup()
+            runners.append(runner)
+            await web.SockSite(runner, held).start()
 
         return FaultyWorld(client, Upstream(fake), url, start_infinity_there)
 
-    return make
+    yield make
+    for runner in runners:
+        await runner.cleanup()
 
 
 @pytest.mark.parametrize("fault", FAULTS, ids=str)
@@ -863,12 +877,13 @@ class ProxyProcess:
             return sock.connect_ex(("127.0.0.1", self.port)) == 0
 
 
+
 @pytest.fixture
 async def spawn_proxy(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[ProxyProcess]]]:
     """Start `python proxy-classifier.py` as a user does; stop it (SIGTERM, then SIGKILL) afterwards."""
     started: list[subprocess.Popen[bytes]] = []
 
-    async def spawn(infinity_url: str, *flags: str) -> ProxyProcess:
+    async def start(infinity_url: str, flags: tuple[str, ...]) -> ProxyProcess:
         port = free_port()
         log = tmp_path / f"proxy-{port}.log"
         with log.open("wb") as sink:
@@ -877,10 +892,18 @@ async def spawn_proxy(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[P
                  "--infinity-url", infinity_url, *flags], stdout=sink, stderr=subprocess.STDOUT)
         started.append(process)
         running = ProxyProcess(f"http://127.0.0.1:{port}", port, process, log)
-        if not await eventually(lambda: process.poll() is not None or running.accepts_connections(), within=20):
+        if not await eventually(lambda: process.poll() is not None or listens_on(process.pid, port), within=20):
             pytest.fail(f"the proxy did not listen within 20 s:\n{log.read_text()}")
-        assert process.poll() is None, log.read_text()
         return running
+
+    async def spawn(infinity_url: str, *flags: str) -> ProxyProcess:
+        for _ in range(5):  # a port found free can be taken by another program before the proxy binds it
+            running = await start(infinity_url, flags)
+            if running.process.poll() is None:
+                return running
+            if "address already in use" not in running.log.read_text():
+                break
+        pytest.fail(f"the proxy exited at start:\n{running.log.read_text()}")
 
     yield spawn
     for process in started:
@@ -1070,7 +1093,7 @@ class RestartableInfinity:
     """The fake Infinity on a fixed port that the test can stop and start again."""
 
     fake: FakeInfinity
-    port: int
+    port: int = 0  # until the first start: then the system picks a free port, and every restart takes it again
     runner: web.AppRunner | None = None
 
     @property
@@ -1081,6 +1104,7 @@ class RestartableInfinity:
         self.runner = web.AppRunner(self.fake.app(), shutdown_timeout=2.0)
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        self.port = self.runner.addresses[0][1]
 
     async def stop(self) -> None:
         if self.runner is not None:
@@ -1090,7 +1114,7 @@ class RestartableInfinity:
 
 @pytest.fixture
 async def restartable_infinity() -> AsyncIterator[RestartableInfinity]:
-    infinity = RestartableInfinity(FakeInfinity(), free_port())
+    infinity = RestartableInfinity(FakeInfinity())
     await infinity.start()
     yield infinity
     await infinity.stop()
