@@ -35,6 +35,7 @@ _UNTIMED = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow], "
 settings.register_profile("ci", derandomize=True, database=None, **_UNTIMED)
 settings.register_profile("dev", **_UNTIMED)
 settings.load_profile("dev" if os.environ.get("CI", "").lower() in ("", "0", "false") else "ci")
+
 _spec = importlib.util.spec_from_file_location("proxy_classifier", ROOT / "proxy-classifier.py")
 proxy = importlib.util.module_from_spec(_spec)
 sys.modules["proxy_classifier"] = proxy

@@ -662,8 +662,8 @@ def assert_correct_200(answer: Answer, body: dict[str, Any], client: Any, fake: 
         assert fake.empty_inputs == 0
 
 
-# Over conftest.py's profile (no deadline: see below). The client fixture is shared by an example and
-# the next, as a proxy serves one request and the next.
+# On top of conftest.py's profile, which sets no deadline: post_hostile bounds each request's CPU time
+# instead. The client fixture is shared by an example and the next, as a proxy serves one request and the next.
 HOSTILE = settings(max_examples=200,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 HOSTILE_CPU_SECONDS = 1.0
