@@ -693,7 +693,19 @@ async def test_any_rerank_shaped_body_gets_a_json_4xx_or_the_correct_200(
 
 # Valid text: any character but an unpaired surrogate (which no UTF-8 text can hold).
 valid_texts = st.text(st.characters(exclude_categories=("Cs",)), max_size=30)
-valid_bodies = st.fixed_dictionaries({
+RANK_FIELD_NAMES = ("text", "title", "body")
+
+
+def ranked_by(fields: list[str]) -> st.SearchStrategy[dict[str, Any]]:
+    """rank_fields and documents that suit them: strings, and objects that hold at least the first field."""
+    objects = st.fixed_dictionaries({fields[0]: valid_json_values},
+                                    optional={name: valid_json_values for name in RANK_FIELD_NAMES if name != fields[0]})
+    return st.fixed_dictionaries({"rank_fields": st.just(fields), "documents": st.lists(valid_texts | objects, max_size=6)})
+
+
+with_rank_fields = st.none() | st.just({"rank_fields": []}) | st.lists(
+    st.sampled_from(RANK_FIELD_NAMES), min_size=1, max_size=3).flatmap(ranked_by)
+valid_bodies_without_rank_fields = st.fixed_dictionaries({
     "query": valid_texts.filter(lambda query: query.strip() != ""),
     "documents": st.lists(valid_texts | st.fixed_dictionaries({"text": valid_texts}), max_size=6),
 }, optional={
@@ -706,6 +718,8 @@ valid_bodies = st.fixed_dictionaries({
     "max_chunks_per_doc": st.none() | st.integers(1, 3),
     "extra": valid_json_values,
 })
+valid_bodies = st.tuples(valid_bodies_without_rank_fields, with_rank_fields).map(
+    lambda pair: {**pair[0], **(pair[1] or {})})
 
 
 @HOSTILE
