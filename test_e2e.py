@@ -28,10 +28,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
-from conftest import ROOT, free_port, proxy, strict_environment
+from conftest import ROOT, free_port, listens_on, proxy, strict_environment
 
 pytestmark = pytest.mark.e2e
 
@@ -185,13 +186,14 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
     """Return once `url` answers 200; raise with the server's output if it exits or time runs out."""
     deadline = time.monotonic() + timeout
     last = "no answer yet"
+    port = urlsplit(url).port
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before {url} answered; "
                                f"its output:\n{output_of(proc)}")
         try:
             with LOCAL_HTTP.open(url, timeout=2) as response:
-                if response.status == 200:
+                if response.status == 200 and listens_on(proc.pid, port):  # not another program on the port
                     return
         except urllib.error.HTTPError as exc:
             last = f"HTTP {exc.code}"
@@ -290,21 +292,36 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")
 
 
+def ready_on_a_free_port(start: Callable[[int], subprocess.Popen], path: str,
+                         seconds: float) -> tuple[subprocess.Popen, int]:
+    """A server started and ready; on another port when another program took the one free_port() found."""
+    for attempt in range(3):
+        port = free_port()
+        proc = start(port)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}{path}", proc, seconds)
+            return proc, port
+        except BaseException as exc:
+            stop(proc)
+            if attempt == 2 or "address already in use" not in str(exc):
+                raise
+    raise AssertionError("unreachable")
+
+
 def running_infinity(model_dir: Path, logs: Path, name: str, api_key: str | None = None) -> Iterator[Server]:
-    port = free_port()
-    proc = start_infinity(model_dir, port, api_key=api_key, log_path=logs / f"{name}.log")
+    proc, port = ready_on_a_free_port(
+        lambda port: start_infinity(model_dir, port, api_key=api_key, log_path=logs / f"{name}.log"),
+        "/health", SERVER_START_SECONDS)
     try:
-        wait_ready(f"http://127.0.0.1:{port}/health", proc, SERVER_START_SECONDS)
         yield Server(f"http://127.0.0.1:{port}/v1", proc)
     finally:
         stop(proc)
 
 
 def running_proxy(infinity_url: str, logs: Path, name: str, *flags: str) -> Iterator[Server]:
-    port = free_port()
-    proc = start_proxy(infinity_url, port, logs / f"{name}.log", *flags)
+    proc, port = ready_on_a_free_port(lambda port: start_proxy(infinity_url, port, logs / f"{name}.log", *flags),
+                                      "/ready", PROXY_START_SECONDS)
     try:
-        wait_ready(f"http://127.0.0.1:{port}/ready", proc, PROXY_START_SECONDS)
         yield Server(f"http://127.0.0.1:{port}", proc)
     finally:
         stop(proc)

@@ -34,7 +34,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
-from conftest import ROOT, FakeInfinity, free_port, hashed_probability, proxy
+from conftest import (
+    LOADED_MACHINE_SLACK,
+    ROOT,
+    FakeInfinity,
+    free_port,
+    hashed_probability,
+    listens_on,
+    proxy,
+    tcp_connections,
+)
 
 FaultHook = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
 
@@ -108,8 +117,9 @@ def assert_error(answer: Answer, status: int, error_type: str, *words: str, para
         assert word in error["message"], (word, error["message"])
 
 
-async def eventually(condition: Callable[[], bool], within: float = 2.0) -> bool:
-    """Whether the condition holds within the time: cancellation and socket closing take a few turns of the loop."""
+async def eventually(condition: Callable[[], bool], within: float = LOADED_MACHINE_SLACK) -> bool:
+    """Whether the condition holds within the time: cancellation and socket closing take a few turns of the
+    loop, and many more on a loaded machine. It returns as soon as the condition holds."""
     deadline = time.monotonic() + within
     while not condition():
         if time.monotonic() > deadline:
@@ -126,11 +136,6 @@ def tasks_running_proxy_code() -> list[asyncio.Task[Any]]:
 
 def port_of(url: str) -> int:
     return URL(url).port  # type: ignore[return-value]
-
-
-def tcp_connections(process: psutil.Process) -> list[Any]:
-    # psutil 6 renamed connections() to net_connections(); requirements-dev.txt allows 5.9 too.
-    return (process.net_connections if hasattr(process, "net_connections") else process.connections)("tcp")
 
 
 def connections_to(port: int, pid: int | None = None) -> int:
@@ -189,6 +194,13 @@ def closes_mid_answer() -> FaultHook:
 def answers_late(seconds: float) -> FaultHook:
     async def hook(request: web.Request) -> None:
         await asyncio.sleep(seconds)  # then the fake's normal answer, if anyone still listens
+
+    return hook
+
+
+def waits_for(gate: asyncio.Event) -> FaultHook:
+    async def hook(request: web.Request) -> None:
+        await gate.wait()  # then the fake's normal answer: the test decides when, whatever the machine's load
 
     return hook
 
@@ -260,7 +272,7 @@ class Fault:
     error_type: str
     says: tuple[str, ...]  # in the message; "{url}" is the classify URL, "{origin}" Infinity's origin
     hook: Callable[[], FaultHook] | None = None  # None: no fake listens ("nothing listening", "full accept queue")
-    within: float = 1.0  # seconds the answer may take
+    within: float = 0.0  # seconds the proxy's own timer waits before it answers (plus LOADED_MACHINE_SLACK)
     timeout: float = 5.0  # the proxy's --timeout
     retry_after: str | None = None
     param: str | None = None
@@ -282,9 +294,9 @@ HTML = "<html><body><h1>502 Bad Gateway</h1></body></html>"
 FAULTS = [
     Fault("connection refused", 502, "upstream_error", ("cannot reach", "{url}"), upstream="nothing listening"),
     # CONNECT_TIMEOUT_SECONDS is lowered to 0.5 s for this case; --timeout stays 5 s.
-    Fault("connect timeout", 502, "upstream_error", ("could not connect", "{url}", "0.5 s"), within=1.5,
+    Fault("connect timeout", 502, "upstream_error", ("could not connect", "{url}", "0.5 s"), within=0.5,
           upstream="full accept queue"),
-    Fault("accepts and never answers", 504, "timeout_error", ("--timeout (1 s)",), never_answers, within=1.5,
+    Fault("accepts and never answers", 504, "timeout_error", ("--timeout (1 s)",), never_answers, within=1.0,
           timeout=1.0),
     Fault("closes mid-answer", 502, "upstream_error", ("{url}", "closed the connection"), closes_mid_answer),
     Fault("closes without answering", 502, "upstream_error", ("{url}", "closed the connection", "disconnected"),
@@ -309,7 +321,7 @@ FAULTS = [
           partial(answers, 200, NO_LABEL_1)),
     Fault("a NaN score", 502, "upstream_error", ("not a probability", "nan"), partial(answers, 200, NAN_SCORE)),
     Fault("an answer after the proxy gave up", 504, "timeout_error", ("--timeout (0.5 s)",),
-          partial(answers_late, 2.0), timeout=0.5),
+          partial(answers_late, 2.0), within=0.5, timeout=0.5),
 ]
 HOOK_FAULTS = [fault for fault in FAULTS if fault.hook is not None]
 
@@ -333,40 +345,42 @@ class FaultyWorld:
 
     def leftovers(self) -> dict[str, int]:
         """Everything a fault could leave behind; after one good request: nothing but one idle
-        keep-alive connection."""
+        keep-alive connection (or none, if the proxy's 4 s keep-alive ran out on a slow machine)."""
         return {"proxy calls in flight": self.proxy_upstream.in_flight,
                 "fake calls in flight": self.upstream.fake.in_flight + self.upstream.running,
                 "tasks running proxy code": len(tasks_running_proxy_code()),
-                "connections to Infinity": connections_to(port_of(self.infinity_url))}
+                "connections to Infinity beyond one": max(0, connections_to(port_of(self.infinity_url)) - 1)}
 
 
 NOTHING_LEFT = {"proxy calls in flight": 0, "fake calls in flight": 0, "tasks running proxy code": 0,
-                "connections to Infinity": 1}
+                "connections to Infinity beyond one": 0}
 
 
 @pytest.fixture
-def full_accept_queue() -> Iterator[Callable[[], tuple[int, Callable[[], None]]]]:
+def full_accept_queue() -> Iterator[Callable[[], tuple[socket.socket, Callable[[], None]]]]:
     """A port whose listener never accepts and whose accept queue is full: Linux drops the SYN of a
-    new connection there, so connecting times out (a stand-in for a host that does not answer)."""
+    new connection there, so connecting times out (a stand-in for a host that does not answer).
+    Releasing it empties the queue; the listener stays, for a server to take over."""
     sockets: list[socket.socket] = []
 
-    def make() -> tuple[int, Callable[[], None]]:
+    def make() -> tuple[socket.socket, Callable[[], None]]:
         listener = socket.socket()
         listener.bind(("127.0.0.1", 0))
         listener.listen(0)
-        port = listener.getsockname()[1]
         sockets.append(listener)
+        fillers = []
         for _ in range(3):  # fill the queue
             filler = socket.socket()
             filler.setblocking(False)
-            filler.connect_ex(("127.0.0.1", port))
-            sockets.append(filler)
+            filler.connect_ex(listener.getsockname())
+            fillers.append(filler)
+        sockets.extend(fillers)
 
         def release() -> None:
-            for sock in sockets:
-                sock.close()
+            for filler in fillers:
+                filler.close()
 
-        return port, release
+        return listener, release
 
     yield make
     for sock in sockets:
@@ -374,10 +388,12 @@ def full_accept_queue() -> Iterator[Callable[[], tuple[int, Callable[[], None]]]
 
 
 @pytest.fixture
-def break_upstream(make_proxy: Callable[..., Awaitable[Any]], upstream: Upstream, fake_infinity: FakeInfinity,
-                   aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch,
-                   full_accept_queue: Callable[[], tuple[int, Callable[[], None]]],
-                   ) -> Callable[[Fault], Awaitable[FaultyWorld]]:
+async def break_upstream(make_proxy: Callable[..., Awaitable[Any]], upstream: Upstream, fake_infinity: FakeInfinity,
+                         unlistened_socket: socket.socket, monkeypatch: pytest.MonkeyPatch,
+                         full_accept_queue: Callable[[], tuple[socket.socket, Callable[[], None]]],
+                         ) -> AsyncIterator[Callable[[Fault], Awaitable[FaultyWorld]]]:
+    runners: list[web.AppRunner] = []
+
     async def make(fault: Fault) -> FaultyWorld:
         if fault.upstream == "fake":
             assert fault.hook is not None
@@ -389,21 +405,27 @@ def break_upstream(make_proxy: Callable[..., Awaitable[Any]], upstream: Upstream
 
             return FaultyWorld(client, upstream, fake_infinity.url, heal)
         if fault.upstream == "nothing listening":
-            port, release = free_port(), lambda: None
+            held, release = unlistened_socket, lambda: None
         else:
             monkeypatch.setattr(proxy, "CONNECT_TIMEOUT_SECONDS", 0.5)
-            port, release = full_accept_queue()
-        url = f"http://127.0.0.1:{port}/v1"
+            held, release = full_accept_queue()
+        url = f"http://127.0.0.1:{held.getsockname()[1]}/v1"
         client = await make_proxy(infinity_url=url, timeout=fault.timeout)
         fake = FakeInfinity()
 
         async def start_infinity_there() -> None:
             release()
-            await aiohttp_server(fake.app(), host="127.0.0.1", port=port)
+            # On the socket held all along: no moment where another process could take the port.
+            runner = web.AppRunner(fake.app())
+            await runner.setup()
+            runners.append(runner)
+            await web.SockSite(runner, held).start()
 
         return FaultyWorld(client, Upstream(fake), url, start_infinity_there)
 
-    return make
+    yield make
+    for runner in runners:
+        await runner.cleanup()
 
 
 @pytest.mark.parametrize("fault", FAULTS, ids=str)
@@ -413,7 +435,7 @@ async def test_each_upstream_fault_answers_the_contracts_error_in_time(
     answer = await post(world.client, GOOD)
     assert_error(answer, fault.status, fault.error_type, *world.message_words(fault), param=fault.param)
     assert answer.headers.get("Retry-After") == fault.retry_after
-    assert answer.seconds < fault.within
+    assert answer.seconds < fault.within + LOADED_MACHINE_SLACK
 
 
 @pytest.mark.parametrize("fault", FAULTS, ids=str)
@@ -460,7 +482,7 @@ async def test_a_stalled_forwarded_call_gives_504_within_the_timeout(make_proxy:
     upstream.fail_with(never_answers())
     answer = await post(client, {"model": "m", "input": ["a"]}, "/v1/embeddings")
     assert_error(answer, 504, "timeout_error", "--timeout (1 s)")
-    assert answer.seconds < 1.5
+    assert answer.seconds < 1.0 + LOADED_MACHINE_SLACK
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,7 +496,7 @@ def fails_one_call_once_the_others_hang(upstream: Upstream, poison: str, answer:
 
     async def hook(request: web.Request) -> web.StreamResponse | None:
         if poison.encode() in await request.read():
-            await eventually(lambda: upstream.running == calls, within=2.0)
+            await eventually(lambda: upstream.running == calls)
             return await answer(request)
         await asyncio.Event().wait()
         return None
@@ -489,15 +511,15 @@ def fails_one_call_once_the_others_hang(upstream: Upstream, poison: str, answer:
 async def test_one_failed_call_fails_the_whole_request_and_cancels_the_others(
         make_proxy: Any, upstream: Upstream, failure: FaultHook, status: int, error_type: str,
         retry_after: str | None) -> None:
-    client = await make_proxy(batch_size=1, timeout=3.0)  # one call per document
+    # One call per document; a --timeout far beyond the test: a 504 would mean it waited for the hung calls.
+    client = await make_proxy(batch_size=1, timeout=50.0)
     upstream.fail_with(fails_one_call_once_the_others_hang(upstream, "poison", failure, calls=3))
     answer = await post(client, {"query": QUERY, "documents": ["fine one", "poison", "fine two"]})
     assert_error(answer, status, error_type)
     assert answer.headers.get("Retry-After") == retry_after
-    assert answer.seconds < 2.5
     assert client.server.app[proxy.INFINITY].in_flight == 0  # let go before answering
     assert tasks_running_proxy_code() == []
-    assert await eventually(lambda: upstream.running == 0, within=1.0)
+    assert await eventually(lambda: upstream.running == 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,19 +528,25 @@ async def test_one_failed_call_fails_the_whole_request_and_cancels_the_others(
 
 
 async def test_upstream_calls_in_flight_never_exceed_max_concurrency(
-        make_proxy: Any, fake_infinity: FakeInfinity) -> None:
+        make_proxy: Any, upstream: Upstream, fake_infinity: FakeInfinity) -> None:
     client = await make_proxy(max_concurrency=3, batch_size=1)
-    fake_infinity.delay = 0.05
+    gate = asyncio.Event()
+    upstream.fail_with(waits_for(gate))  # the calls stay in flight until the gate opens
     bodies = [{"query": f"query {i}", "documents": [f"document {i}.{j}" for j in range(4)]} for i in range(4)]
-    answers_ = await asyncio.gather(*(post(client, body) for body in bodies))
-    for answer, body in zip(answers_, bodies, strict=True):
+    asking = asyncio.gather(*(post(client, body) for body in bodies))
+    assert await eventually(lambda: upstream.running == 3)
+    await asyncio.sleep(0.2)  # time for a fourth call to arrive, were the bound broken
+    assert upstream.running == 3
+    gate.set()
+    for answer, body in zip(await asking, bodies, strict=True):
         assert_ranked(answer, body)
-    assert fake_infinity.most_in_flight == 3
+    assert upstream.calls == 16
+    assert fake_infinity.most_in_flight <= 3
 
 
 async def test_requests_beyond_max_concurrency_wait_and_all_succeed(
         make_proxy: Any, fake_infinity: FakeInfinity) -> None:
-    client = await make_proxy(max_concurrency=1, timeout=5.0)
+    client = await make_proxy(max_concurrency=1, timeout=50.0)  # waiting in line must not cost a 504 here
     fake_infinity.delay = 0.05
     bodies = [{"query": f"query {i}", "documents": [f"document {i}"]} for i in range(12)]
     started = time.monotonic()
@@ -532,27 +560,44 @@ async def test_requests_beyond_max_concurrency_wait_and_all_succeed(
 async def test_a_request_queued_behind_max_concurrency_gives_504_at_the_timeout(
         make_proxy: Any, fake_infinity: FakeInfinity) -> None:
     client = await make_proxy(max_concurrency=1, timeout=0.6)
-    fake_infinity.delay = 0.4  # the first holds the only slot for 0.4 s; the second then needs 0.4 s more
-    first = asyncio.create_task(post(client, GOOD))
-    assert await eventually(lambda: fake_infinity.in_flight == 1)
-    second = await post(client, NEXT)
-    assert_ranked(await first, GOOD)
-    assert_error(second, 504, "timeout_error", "--timeout (0.6 s)")
-    assert second.seconds < 0.6 + 0.4
+    # The test takes the only slot itself and keeps it past the request's --timeout: a request in
+    # flight would give it up at its own timeout, and whether the queued one then made it in time
+    # would depend on the machine's speed.
+    slots = client.server.app[proxy.INFINITY].slots
+    await slots.acquire()
+    try:
+        answer = await post(client, GOOD)
+    finally:
+        slots.release()
+    assert_error(answer, 504, "timeout_error", "--timeout (0.6 s)")
+    assert 0.6 <= answer.seconds < 0.6 + LOADED_MACHINE_SLACK  # timed from its arrival, queueing included
+    assert fake_infinity.classify_bodies == []
     assert client.server.app[proxy.INFINITY].in_flight == 0
+    assert_ranked(await post(client, NEXT), NEXT)  # the slot it waited for was not lost
 
 
 # ---------------------------------------------------------------------------------------------
-# Hostile input: every answer a JSON 4xx or a correct 200, never a 500, never over a second
+# Hostile input: every answer a JSON 4xx or a correct 200, never a 500, never over a CPU second
 # ---------------------------------------------------------------------------------------------
 
 RERANK_PATHS = ["/rerank", "/v1/rerank", "/v2/rerank"]
 
-json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
-json_values = st.recursive(json_scalars, lambda children: st.lists(children, max_size=4)
-                           | st.dictionaries(st.text(max_size=8), children, max_size=4), max_leaves=12)
+
+
+def json_values_of(scalars: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.recursive(scalars, lambda children: st.lists(children, max_size=4)
+                        | st.dictionaries(st.text(max_size=8), children, max_size=4), max_leaves=12)
+
+
 # Text as clients send it, lone surrogates ("\ud800", which JSON can carry) and NUL included.
 texts = st.text(st.characters(exclude_categories=()), max_size=30)
+# Anything json.dumps writes: NaN and Infinity (which are not JSON: a 400), any integer, any text.
+json_values = json_values_of(st.none() | st.booleans() | st.integers() | st.floats() | texts)
+# Only what the contract accepts as JSON: finite floats, integers JSON carries exactly (RFC 8259's
+# interoperable range), text without lone surrogates (st.text() draws none); st.recursive with 12
+# leaves nests 4 levels deep at most, far from any nesting limit.
+valid_json_values = json_values_of(st.none() | st.booleans() | st.integers(-(2**53 - 1), 2**53 - 1)
+                                   | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20))
 
 
 def maybe(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
@@ -617,15 +662,29 @@ def assert_correct_200(answer: Answer, body: dict[str, Any], client: Any, fake: 
         assert fake.empty_inputs == 0
 
 
-HOSTILE = settings(max_examples=200, deadline=1000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# On top of conftest.py's profile, which sets no deadline: post_hostile bounds each request's CPU time
+# instead. The client fixture is shared by an example and the next, as a proxy serves one request and the next.
+HOSTILE = settings(max_examples=200,
+                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+HOSTILE_CPU_SECONDS = 1.0
+
+
+async def post_hostile(client: Any, body: Any, path: str = "/v1/rerank",
+                       cpu_seconds: float = HOSTILE_CPU_SECONDS) -> Answer:
+    """POST to the in-process proxy, and check what the answer cost in CPU time: a pathological input
+    (a quadratic parse, a blown-up plan) shows there, while the wall clock also counts every other
+    process on a loaded machine."""
+    cpu = time.process_time()
+    answer = await post(client, body, path)
+    assert time.process_time() - cpu < cpu_seconds
+    return answer
 
 
 @HOSTILE
 @given(body=rerank_bodies, path=st.sampled_from(RERANK_PATHS))
 async def test_any_rerank_shaped_body_gets_a_json_4xx_or_the_correct_200(
         client: Any, fake_infinity: FakeInfinity, body: dict[str, Any], path: str) -> None:
-    answer = await post(client, body, path)
-    assert answer.seconds < 1.0
+    answer = await post_hostile(client, body, path)
     if answer.status != 200:
         assert_json_4xx(answer)
         return
@@ -634,7 +693,19 @@ async def test_any_rerank_shaped_body_gets_a_json_4xx_or_the_correct_200(
 
 # Valid text: any character but an unpaired surrogate (which no UTF-8 text can hold).
 valid_texts = st.text(st.characters(exclude_categories=("Cs",)), max_size=30)
-valid_bodies = st.fixed_dictionaries({
+RANK_FIELD_NAMES = ("text", "title", "body")
+
+
+def ranked_by(fields: list[str]) -> st.SearchStrategy[dict[str, Any]]:
+    """rank_fields and documents that suit them: strings, and objects that hold at least the first field."""
+    objects = st.fixed_dictionaries({fields[0]: valid_json_values},
+                                    optional={name: valid_json_values for name in RANK_FIELD_NAMES if name != fields[0]})
+    return st.fixed_dictionaries({"rank_fields": st.just(fields), "documents": st.lists(valid_texts | objects, max_size=6)})
+
+
+with_rank_fields = st.none() | st.just({"rank_fields": []}) | st.lists(
+    st.sampled_from(RANK_FIELD_NAMES), min_size=1, max_size=3).flatmap(ranked_by)
+valid_bodies_without_rank_fields = st.fixed_dictionaries({
     "query": valid_texts.filter(lambda query: query.strip() != ""),
     "documents": st.lists(valid_texts | st.fixed_dictionaries({"text": valid_texts}), max_size=6),
 }, optional={
@@ -645,8 +716,10 @@ valid_bodies = st.fixed_dictionaries({
     "model": st.none() | valid_texts,
     "max_tokens_per_doc": st.none() | st.integers(1, 12),
     "max_chunks_per_doc": st.none() | st.integers(1, 3),
-    "extra": json_values,
+    "extra": valid_json_values,
 })
+valid_bodies = st.tuples(valid_bodies_without_rank_fields, with_rank_fields).map(
+    lambda pair: {**pair[0], **(pair[1] or {})})
 
 
 @HOSTILE
@@ -654,28 +727,28 @@ valid_bodies = st.fixed_dictionaries({
 async def test_any_valid_body_gets_the_correct_200(
         client: Any, fake_infinity: FakeInfinity, body: dict[str, Any], path: str) -> None:
     # The tests above accept any 4xx; this one makes sure valid bodies are never among them.
-    answer = await post(client, body, path)
-    assert answer.seconds < 1.0
+    answer = await post_hostile(client, body, path)
     assert_correct_200(answer, body, client, fake_infinity)
 
 
 @HOSTILE
 @given(body=json_values, path=st.sampled_from(RERANK_PATHS))
 async def test_any_json_body_gets_a_json_4xx_or_the_correct_200(client: Any, body: Any, path: str) -> None:
-    answer = await post(client, json.dumps(body).encode(), path)
-    assert answer.seconds < 1.0
+    answer = await post_hostile(client, json.dumps(body).encode(), path)
     if answer.status != 200:
         assert_json_4xx(answer)
         return
     assert_correct_200(answer, body, client)
 
 
+GOOD_BYTES = json.dumps(GOOD).encode()  # any proper prefix of it is cut short: never JSON
+
+
 @HOSTILE
-@given(raw=st.binary(max_size=400) | st.builds(lambda b, cut: b[:cut], st.just(json.dumps(GOOD).encode()),
-                                                st.integers(0, 120)), path=st.sampled_from(RERANK_PATHS))
+@given(raw=st.binary(max_size=400) | st.integers(0, len(GOOD_BYTES) - 1).map(lambda cut: GOOD_BYTES[:cut]),
+       path=st.sampled_from(RERANK_PATHS))
 async def test_any_bytes_get_a_json_4xx(client: Any, raw: bytes, path: str) -> None:
-    answer = await post(client, raw, path)
-    assert answer.seconds < 1.0
+    answer = await post_hostile(client, raw, path)
     assert_json_4xx(answer)
 
 
@@ -683,9 +756,8 @@ async def test_a_body_over_max_body_size_is_refused_413_while_it_is_read(client:
                                                                          ) -> None:
     limit = proxy.Config().max_body_size  # the default, 32 MiB
     huge = json.dumps({"query": QUERY, "documents": ["x" * (limit + 1)]}).encode()
-    answer = await post(client, huge)
+    answer = await post_hostile(client, huge, cpu_seconds=5.0)
     assert_error(answer, 413, "request_too_large", "--max-body-size", str(limit))
-    assert answer.seconds < 5.0
     assert fake_infinity.classify_bodies == []
     assert_ranked(await post(client, GOOD), GOOD)
 
@@ -694,9 +766,8 @@ async def test_a_huge_query_and_document_cost_bounded_upstream_work(client: Any,
                                                                        ) -> None:
     config = client.server.app[proxy.CONFIG]
     long_text = " ".join(str(n) for n in range(1_500_000))  # about 10 MB, no two chunks alike
-    answer = await post(client, {"query": "q" * 1_000_000, "documents": [long_text]})
+    answer = await post_hostile(client, {"query": "q" * 1_000_000, "documents": [long_text]}, cpu_seconds=5.0)
     assert answer.status == 200, answer.body
-    assert answer.seconds < 5.0
     assert len(fake_infinity.inputs) == config.max_chunks_per_doc
     longest_prompt = proxy.PROMPT_OVERHEAD_CHARS + config.max_query_chars + config.max_doc_chars
     assert max(len(prompt) for prompt in fake_infinity.inputs) <= longest_prompt
@@ -710,9 +781,8 @@ async def test_more_than_max_documents_is_400_before_any_upstream_call(client: A
 
 
 async def test_a_deeply_nested_body_is_400_at_once(client: Any) -> None:
-    answer = await post(client, b'{"query": "q", "documents": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    answer = await post_hostile(client, b'{"query": "q", "documents": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
     assert_error(answer, 400, "invalid_request_error", "nested too deeply")
-    assert answer.seconds < 1.0
 
 
 def deepest_json_parsed_here() -> int:
@@ -821,12 +891,13 @@ class ProxyProcess:
             return sock.connect_ex(("127.0.0.1", self.port)) == 0
 
 
+
 @pytest.fixture
 async def spawn_proxy(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[ProxyProcess]]]:
     """Start `python proxy-classifier.py` as a user does; stop it (SIGTERM, then SIGKILL) afterwards."""
     started: list[subprocess.Popen[bytes]] = []
 
-    async def spawn(infinity_url: str, *flags: str) -> ProxyProcess:
+    async def start(infinity_url: str, flags: tuple[str, ...]) -> ProxyProcess:
         port = free_port()
         log = tmp_path / f"proxy-{port}.log"
         with log.open("wb") as sink:
@@ -835,10 +906,18 @@ async def spawn_proxy(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[P
                  "--infinity-url", infinity_url, *flags], stdout=sink, stderr=subprocess.STDOUT)
         started.append(process)
         running = ProxyProcess(f"http://127.0.0.1:{port}", port, process, log)
-        if not await eventually(lambda: process.poll() is not None or running.accepts_connections(), within=20):
+        if not await eventually(lambda: process.poll() is not None or listens_on(process.pid, port), within=20):
             pytest.fail(f"the proxy did not listen within 20 s:\n{log.read_text()}")
-        assert process.poll() is None, log.read_text()
         return running
+
+    async def spawn(infinity_url: str, *flags: str) -> ProxyProcess:
+        for _ in range(5):  # a port found free can be taken by another program before the proxy binds it
+            running = await start(infinity_url, flags)
+            if running.process.poll() is None:
+                return running
+            if "address already in use" not in running.log.read_text():
+                break
+        pytest.fail(f"the proxy exited at start:\n{running.log.read_text()}")
 
     yield spawn
     for process in started:
@@ -854,17 +933,18 @@ async def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 async def test_a_client_that_disconnects_cancels_its_upstream_calls(
-        spawn_proxy: Callable[..., Awaitable[ProxyProcess]], fake_infinity: FakeInfinity) -> None:
-    running = await spawn_proxy(fake_infinity.url, "--batch-size", "1", "--timeout", "5")
-    fake_infinity.delay = 4.0
+        spawn_proxy: Callable[..., Awaitable[ProxyProcess]], upstream: Upstream) -> None:
+    # The calls never answer and --timeout is far away: only the proxy letting go ends them.
+    running = await spawn_proxy(upstream.fake.url, "--batch-size", "1", "--timeout", "50")
+    upstream.fail_with(never_answers())
     async with running.session() as session:
         request = asyncio.create_task(post(session, {"query": QUERY, "documents": ["a", "b", "c"]}))
-        assert await eventually(lambda: fake_infinity.in_flight == 3, within=5.0)
+        assert await eventually(lambda: upstream.running == 3)
         request.cancel()  # the client goes away: its connection is closed
         with pytest.raises(asyncio.CancelledError):
             await request
-    assert await eventually(lambda: fake_infinity.in_flight == 0, within=1.0)
-    assert await eventually(lambda: connections_to(port_of(fake_infinity.url), running.process.pid) == 0)
+    assert await eventually(lambda: upstream.running == 0)
+    assert await eventually(lambda: connections_to(port_of(upstream.fake.url), running.process.pid) == 0)
 
 
 @pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -875,25 +955,27 @@ async def test_on_a_shutdown_signal_the_request_in_flight_completes_and_the_prox
     fake_infinity.delay = 0.8
     async with running.session() as session:
         request = asyncio.create_task(post(session, GOOD))
-        assert await eventually(lambda: fake_infinity.in_flight == 1, within=5.0)
+        assert await eventually(lambda: fake_infinity.in_flight == 1)
         running.process.send_signal(signal_number)
         answer = await request
     assert_ranked(answer, GOOD)
-    assert await running.exit_code(within=3.0) == 0
+    assert await running.exit_code(within=LOADED_MACHINE_SLACK) == 0
     log = running.log.read_text()
     assert "Traceback" not in log and "Unclosed" not in log  # the session was closed, nothing failed
 
 
 async def test_on_a_shutdown_signal_new_connections_are_refused_at_once(
-        spawn_proxy: Callable[..., Awaitable[ProxyProcess]], fake_infinity: FakeInfinity) -> None:
-    running = await spawn_proxy(fake_infinity.url, "--timeout", "10")
-    fake_infinity.delay = 1.5
+        spawn_proxy: Callable[..., Awaitable[ProxyProcess]], upstream: Upstream) -> None:
+    running = await spawn_proxy(upstream.fake.url, "--timeout", "50")
+    gate = asyncio.Event()
+    upstream.fail_with(waits_for(gate))  # the request stays in flight until the test has looked
     async with running.session() as session:
         request = asyncio.create_task(post(session, GOOD))
-        assert await eventually(lambda: fake_infinity.in_flight == 1, within=5.0)
+        assert await eventually(lambda: upstream.running == 1)
         running.process.send_signal(signal.SIGTERM)
-        assert await eventually(lambda: not running.accepts_connections(), within=1.0)
+        assert await eventually(lambda: not running.accepts_connections())
         assert not request.done()  # refused while the request in flight still runs
+        gate.set()
         assert_ranked(await request, GOOD)
 
 
@@ -903,13 +985,14 @@ async def test_shutdown_waits_no_longer_than_the_timeout_for_a_hung_infinity(
     upstream.fail_with(never_answers())
     async with running.session() as session:
         request = asyncio.create_task(post(session, GOOD))
-        assert await eventually(lambda: upstream.running == 1, within=5.0)
+        assert await eventually(lambda: upstream.running == 1)
         signalled = time.monotonic()
         running.process.send_signal(signal.SIGTERM)
         answer = await request
         assert_error(answer, 504, "timeout_error", "--timeout (1 s)")
-    assert await running.exit_code(within=3.0) == 0
-    assert time.monotonic() - signalled < 1.0 + 2.0
+    assert await running.exit_code(within=LOADED_MACHINE_SLACK) == 0
+    # Not aiohttp's 60 s default shutdown_timeout, nor forever: --timeout, on a machine that may be loaded.
+    assert time.monotonic() - signalled < 1.0 + LOADED_MACHINE_SLACK
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1024,7 +1107,7 @@ class RestartableInfinity:
     """The fake Infinity on a fixed port that the test can stop and start again."""
 
     fake: FakeInfinity
-    port: int
+    port: int = 0  # until the first start: then the system picks a free port, and every restart takes it again
     runner: web.AppRunner | None = None
 
     @property
@@ -1035,6 +1118,7 @@ class RestartableInfinity:
         self.runner = web.AppRunner(self.fake.app(), shutdown_timeout=2.0)
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        self.port = self.runner.addresses[0][1]
 
     async def stop(self) -> None:
         if self.runner is not None:
@@ -1044,7 +1128,7 @@ class RestartableInfinity:
 
 @pytest.fixture
 async def restartable_infinity() -> AsyncIterator[RestartableInfinity]:
-    infinity = RestartableInfinity(FakeInfinity(), free_port())
+    infinity = RestartableInfinity(FakeInfinity())
     await infinity.start()
     yield infinity
     await infinity.stop()
