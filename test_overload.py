@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -20,9 +22,11 @@ from typing import Any
 
 import psutil
 import pytest
+from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
+import test_reliability
 from conftest import ROOT, FakeInfinity, free_port, proxy
 from test_reliability import GOOD, ProxyProcess, answers, assert_ranked, eventually, post, spawn_proxy, upstream  # noqa: F401  (fixtures, used by name)
 
@@ -473,3 +477,203 @@ async def test_a_request_whose_prompts_alone_pass_the_bound_is_still_served_when
     answer = await post(client, {"query": "q", "documents": documents})
     assert answer.status == 200, answer.body
     assert (admission(client).requests, admission(client).bytes) == (0, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Under a flood, and beside hundreds of slow clients (slow: the proxy as a process)
+# ---------------------------------------------------------------------------------------------
+
+FLOOD_FIGURES = Path("/tmp/proxy-overload-figures.json")
+FLOOD_DOCUMENTS = 10_000
+FLOOD_UPSTREAM_MS = 300  # per /classify call: a slow Infinity, so admitted requests stay in hand
+FLOOD_DEADLINE = 120.0  # seconds: the flood stops here whatever happens
+# The bound the README states for the defaults (measured peak: about 530 MiB).
+FLOOD_RSS_BOUND = 768 * 2**20
+
+
+def record(section: str, figures: dict[str, Any]) -> None:
+    known = json.loads(FLOOD_FIGURES.read_text()) if FLOOD_FIGURES.exists() else {}
+    known[section] = figures
+    FLOOD_FIGURES.write_text(json.dumps(known, indent=2) + "\n")
+    print(f"\n{section} figures (also in {FLOOD_FIGURES}): {json.dumps(figures)}")
+
+
+def peak_rss(pid: int) -> int:
+    """The process's resident memory high-water mark (VmHWM), in bytes: a true peak, not a sample."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def flood_body(i: int) -> bytes:
+    """Even i: 10,000 documents in a body just under 32 MiB, each with one character outside the BMP
+    (Python then holds the text at 4 bytes a character: the costliest bytes there are). Odd i: 10,000
+    one-word documents (the most prompts per byte)."""
+    if i % 2:
+        documents = [f"w{i}.{j}" for j in range(FLOOD_DOCUMENTS)]
+    else:
+        documents = [f"{i:04d}.{j:05d} \U0001F600 " + "lorem ipsum dolor sit amet " * 121 for j in range(FLOOD_DOCUMENTS)]
+    body = json.dumps({"query": f"flood {i}", "documents": documents}, ensure_ascii=False).encode()
+    assert len(body) <= proxy.Config().max_body_size
+    return body
+
+
+@pytest.fixture
+def lean_infinity() -> Any:
+    """bench/fake_infinity.py as its own process: it answers without parsing bodies, so the flood's cost
+    stays in the proxy. Its items alternate relevant / not relevant, so document j scores above 0.5 iff
+    j is even (batch sizes are even)."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fake_infinity.py"), "--port", str(port),
+                                "--delay-ms", str(FLOOD_UPSTREAM_MS)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/v1"
+    process.terminate()
+    process.wait(10)
+
+
+def assert_flood_answer(status: int, headers: Any, answer: Any) -> None:
+    if status == 429:
+        assert answer["error"]["type"] == "overloaded_error" and headers["Retry-After"] == "1", answer
+        return
+    assert status == 200, answer
+    results = answer["results"]
+    assert sorted(r["index"] for r in results) == list(range(FLOOD_DOCUMENTS))
+    assert all((r["relevance_score"] > 0.5) == (r["index"] % 2 == 0) for r in results)
+
+
+@pytest.mark.slow
+async def test_a_flood_of_maximum_size_requests_keeps_peak_memory_bounded_and_gets_200_or_429(
+        spawn_proxy: Callable[..., Awaitable[ProxyProcess]], lean_infinity: str,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # OVERLOAD_PROXY_SCRIPT=/tmp/old-proxy.py floods another version of the proxy, for comparison.
+    script = Path(os.environ.get("OVERLOAD_PROXY_SCRIPT", test_reliability.PROXY_SCRIPT))
+    monkeypatch.setattr(test_reliability, "PROXY_SCRIPT", script)
+    running = await spawn_proxy(lean_infinity, "--log-level", "WARNING")  # the defaults otherwise
+    bodies = [flood_body(0), flood_body(1)]
+    statuses: dict[int, int] = {}
+    shed_ms: list[float] = []
+    started = time.monotonic()
+
+    async def ask(session: ClientSession, i: int) -> None:
+        sent = time.monotonic()
+        async with session.post("/v1/rerank", data=bodies[i % 2]) as response:
+            answer = await response.json()
+            if response.status == 429:
+                shed_ms.append(1000 * (time.monotonic() - sent))
+            statuses[response.status] = statuses.get(response.status, 0) + 1
+            assert_flood_answer(response.status, response.headers, answer)
+
+    async with running.session(connections=0, timeout=FLOOD_DEADLINE) as session:
+        for _ in range(2):  # all at once, twice
+            await asyncio.wait_for(asyncio.gather(*(ask(session, i) for i in range(FLOOD_WAVE))), FLOOD_DEADLINE)
+        health = await session.get("/health")
+        assert health.status == 200
+    peak = peak_rss(running.process.pid)
+    shed_ms.sort()
+    record("flood", {
+        "requests": 2 * FLOOD_WAVE, "concurrent": FLOOD_WAVE, "statuses": statuses,
+        "seconds": round(time.monotonic() - started, 1), "peak_rss_mib": round(peak / 2**20, 1),
+        "rss_bound_mib": FLOOD_RSS_BOUND / 2**20, "proxy": script.name,
+        "shed_ms_p50": round(shed_ms[len(shed_ms) // 2]) if shed_ms else None,
+        "shed_ms_max": round(shed_ms[-1]) if shed_ms else None,
+        "command": "python -m pytest test_overload.py -m slow -k flood -s"})
+    assert statuses.get(200, 0) >= 2 and statuses.get(429, 0) >= 1, statuses
+    assert sum(statuses.values()) == 2 * FLOOD_WAVE
+    assert peak < FLOOD_RSS_BOUND
+    assert "Traceback" not in running.log.read_text()
+
+
+FLOOD_WAVE = 48  # concurrent requests in each wave: half of them 32 MiB bodies
+
+
+@pytest.mark.slow
+async def test_while_the_proxy_is_full_each_shed_is_answered_within_a_second(
+        spawn_proxy: Callable[..., Awaitable[ProxyProcess]], fake_infinity: FakeInfinity) -> None:  # noqa: F811
+    running = await spawn_proxy(fake_infinity.url)
+    limit = proxy.Config()
+    holders = []
+    for _ in range(limit.max_pending_bytes // limit.max_body_size):  # bodies announced, never sent: bytes held
+        holder = RawClient(*await asyncio.open_connection("127.0.0.1", running.port))
+        await holder.head(content_length=limit.max_body_size)
+        holders.append(holder)
+    await asyncio.sleep(0.5)  # let the proxy take them in
+
+    async def shed() -> float:
+        raw = RawClient(*await asyncio.open_connection("127.0.0.1", running.port))
+        sent = time.monotonic()
+        await raw.head(content_length=1000)
+        status, headers, body = await raw.answer(within=10.0)
+        assert_overloaded(status, headers, body, "--max-pending-bytes")
+        raw.close()
+        return 1000 * (time.monotonic() - sent)
+
+    latencies = sorted(await asyncio.gather(*(shed() for _ in range(SHED_BURST))))
+    async with running.session() as session:
+        health = await session.get("/health")
+        assert health.status == 200
+    for holder in holders:
+        holder.close()
+    record("sheds while full", {"burst": SHED_BURST, "ms_p50": round(latencies[len(latencies) // 2], 1),
+                                "ms_p99": round(latencies[int(len(latencies) * 0.99)], 1),
+                                "ms_max": round(latencies[-1], 1),
+                                "command": "python -m pytest test_overload.py -m slow -k shed -s"})
+    assert latencies[-1] < 1000
+
+
+SHED_BURST = 200  # requests arriving at once at a full proxy
+
+
+@pytest.mark.slow
+async def test_hundreds_of_idle_and_trickling_connections_do_not_delay_a_normal_request(
+        spawn_proxy: Callable[..., Awaitable[ProxyProcess]], fake_infinity: FakeInfinity) -> None:  # noqa: F811
+    client_timeout = 3.0
+    running = await spawn_proxy(fake_infinity.url, "--client-timeout", str(client_timeout))
+    slow: list[RawClient] = []
+    for kind in range(SLOW_CONNECTIONS):
+        raw = RawClient(*await asyncio.open_connection("127.0.0.1", running.port))
+        if kind % 3 == 1:
+            await raw.send(b"POST /v1/rerank HTTP/1.1\r\nHost: x\r\n")  # headers, to be trickled
+        elif kind % 3 == 2:
+            await raw.head(content_length=1000)
+            await raw.send(b'{"query": ')  # a body, to be trickled
+        slow.append(raw)
+
+    async def trickle() -> None:
+        for _ in range(int(2 * client_timeout / 0.5)):
+            for kind, raw in enumerate(slow):
+                if kind % 3 and not raw.writer.is_closing():
+                    raw.writer.write(b"X-A: b\r\n" if kind % 3 == 1 else b" ")
+            await asyncio.sleep(0.5)
+
+    trickling = asyncio.create_task(trickle())
+    latencies = []
+    async with running.session() as session:
+        for i in range(10):  # while they all hold their connections
+            body = {"query": f"normal {i}", "documents": ["a normal document", "another one"]}
+            answer = await post(session, body)
+            assert_ranked(answer, body)
+            latencies.append(answer.seconds)
+            await asyncio.sleep(0.2)
+    process = psutil.Process(running.process.pid)
+    held = sum(1 for c in process.net_connections("tcp") if c.laddr.port == running.port
+               and c.status == psutil.CONN_ESTABLISHED)
+    closed = await asyncio.gather(*(raw.closed_by_peer(within=client_timeout + 5) for raw in slow))
+    await trickling
+    record("slow connections", {"slow_connections": SLOW_CONNECTIONS, "held_while_served": held,
+                                "normal_request_ms_max": round(1000 * max(latencies), 1),
+                                "closed_after_client_timeout": sum(closed), "client_timeout_s": client_timeout,
+                                "command": "python -m pytest test_overload.py -m slow -k trickling -s"})
+    assert held >= SLOW_CONNECTIONS
+    assert max(latencies) < 1.0
+    assert all(closed)
+
+
+SLOW_CONNECTIONS = 300  # a third idle, a third trickling headers, a third trickling bodies
