@@ -32,6 +32,11 @@ import prometheus_client
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, TraceConfig, client_exceptions, web
 from yarl import URL
 
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as deadline_in  # unlike asyncio.wait_for, no task per use
+else:
+    from async_timeout import timeout as deadline_in  # aiohttp's own dependency before 3.11
+
 log = logging.getLogger("proxy-classifier")
 
 # --------------------------------------------------------------------------------------------
@@ -950,14 +955,10 @@ async def read_body(request: web.Request) -> bytes:
     Content-Length was not counted at admission: it is counted as it arrives, and refused (429) when
     it would take the bodies in hand past --max-pending-bytes."""
     config = request.app[CONFIG]
-    if request.content_length is not None or not request.body_exists:
-        if request.content.is_eof():
-            return await request.read()  # all here already, the common case: no timer needed
-        reading = request.read()
-    else:
-        reading = read_counted(request, config.max_body_size)
+    counted_on_arrival = request.content_length is None and request.body_exists  # chunked
     try:
-        return await asyncio.wait_for(reading, config.client_timeout)
+        async with deadline_in(config.client_timeout):
+            return await (read_counted(request, config.max_body_size) if counted_on_arrival else request.read())
     except asyncio.TimeoutError:
         raise RerankError(408, f"the request body did not arrive within --client-timeout "
                           f"({config.client_timeout:g} s)") from None
