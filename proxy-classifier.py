@@ -227,7 +227,8 @@ OPTIONS: list[tuple[str, type, str]] = [
     ("--infinity-api-key", str, "bearer token the proxy sends to Infinity"),
     ("--log-level", str, "DEBUG, INFO, WARNING or ERROR"),
     ("--max-concurrent-requests", int, "requests handled at once; more are refused at once (429 overloaded_error)"),
-    ("--max-pending-bytes", int, "bytes of request bodies held at once; more are refused at once (429)"),
+    ("--max-pending-bytes", int, f"bytes of request bodies, and {PROMPT_BYTES} a prompt, held at once; more are "
+     "refused at once (429 overloaded_error)"),
     ("--client-timeout", float, "seconds a client may take to send its headers, and then its body (else 408 "
      "or the connection is closed), and to read its answer"),
 ]
