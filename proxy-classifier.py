@@ -913,9 +913,9 @@ async def rerank(request: web.Request, shape: AnswerShape) -> web.Response:
     stats = request[STATS]
     stats["documents"] = len(rerank_request.documents)
     plan = plan_prompts(rerank_request, config)
+    request.app[ADMISSION].take(stats, PROMPT_BYTES * len(plan.unique_texts))  # before their bodies are built
     calls = classify_bodies(rerank_request.model, plan, config.batch_size)
     stats["chunks"] = len(plan.unique_texts)
-    request.app[ADMISSION].take(stats, PROMPT_BYTES * len(plan.unique_texts))
     # All calls start at once: counted here, the log line of a failed request shows them too.
     stats["upstream_calls"] = len(calls)
     try:
