@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import prometheus_client
-from aiohttp import ClientSession, ClientTimeout, TCPConnector, TraceConfig, client_exceptions, web
+from aiohttp import ClientSession, ClientTimeout, HttpVersion11, TCPConnector, TraceConfig, client_exceptions, web
 from yarl import URL
 
 if sys.version_info >= (3, 11):
@@ -1046,6 +1046,11 @@ class Admission:
         self.requests = 0
         self.bytes = 0
 
+    def would_admit(self, declared: int | None) -> bool:
+        declared = declared or 0
+        return (declared <= self.max_body_size and self.requests < self.max_requests
+                and self.bytes + declared <= self.max_bytes)
+
     def admit(self, stats: dict[str, Any], declared: int | None) -> None:
         """Decided from the headers, before any of the body is read."""
         declared = declared or 0  # a chunked body is counted as it arrives (take)
@@ -1072,6 +1077,16 @@ class Admission:
 
 
 ADMISSION = web.AppKey("admission", Admission)
+
+
+async def continue_if_admitted(request: web.Request) -> None:
+    """curl sends "Expect: 100-continue" with a large body and waits for "100 Continue" before sending it. It
+    gets one only when admission would take the request now; otherwise the middleware's 429 (or 413) is the
+    answer it waits for, and the body is never sent."""
+    if (request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue"
+            and request.app[ADMISSION].would_admit(request.content_length)):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # as aiohttp's own expect handler: the answer has not started
 
 
 def overloaded(why: str) -> RerankError:
@@ -1265,9 +1280,9 @@ def make_app(config: Config) -> web.Application:
               ("/ready", get, ready), ("/metrics", get, prometheus_metrics), ("/models", get, models),
               ("/v1/models", get, models)]
     for path, methods, handler in routes:
-        app.router.add_route("*", path, only(methods, handler))
+        app.router.add_route("*", path, only(methods, handler), expect_handler=continue_if_admitted)
     prefix = config.infinity_prefix
-    app.router.add_route("*", prefix + "/{tail:.*}", forward_under_prefix)
+    app.router.add_route("*", prefix + "/{tail:.*}", forward_under_prefix, expect_handler=continue_if_admitted)
     return app
 
 

@@ -159,6 +159,27 @@ async def test_a_body_that_would_pass_max_pending_bytes_is_429_at_once_before_it
     assert await eventually(lambda: (admission(client).requests, admission(client).bytes) == (0, 0))
 
 
+async def test_expect_100_continue_gets_continue_only_when_the_request_would_be_admitted(serve: Serve) -> None:
+    client = await serve(max_body_size=10_000, max_documents=2, max_pending_bytes=15_000)
+    holder = await RawClient.to(client)
+    await holder.head(content_length=9_000)
+    assert await eventually(lambda: admission(client).bytes == 9_000)
+    refused = await RawClient.to(client)
+    await refused.head(content_length=9_000, extra="Expect: 100-continue\r\n")
+    status, headers, body = await refused.answer()  # the final answer, with no "100 Continue" before it
+    assert_overloaded(status, headers, body, "--max-pending-bytes")
+    holder.close()
+    assert await eventually(lambda: admission(client).requests == 0)
+    welcome = await RawClient.to(client)
+    good = rerank_body(GOOD["query"], GOOD["documents"])
+    await welcome.head(content_length=len(good), extra="Expect: 100-continue\r\n")
+    assert await asyncio.wait_for(welcome.reader.readline(), 5.0) == b"HTTP/1.1 100 Continue\r\n"
+    assert await asyncio.wait_for(welcome.reader.readline(), 5.0) == b"\r\n"
+    await welcome.send(good)
+    status, _, answer = await welcome.answer()
+    assert status == 200, answer
+
+
 async def test_a_content_length_over_max_body_size_is_413_at_once_before_it_is_read(serve: Serve) -> None:
     client = await serve(max_body_size=1000)
     raw = await RawClient.to(client)
