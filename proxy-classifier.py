@@ -766,7 +766,7 @@ class Infinity:
             outcome = "ok"
             return scores
         finally:
-            self.metrics.upstream_calls.labels(outcome).inc()
+            self.metrics.labelled(self.metrics.upstream_calls, outcome).inc()
 
     async def _post_classify(self, body: bytes, headers: dict[str, str]) -> tuple[int, Any, bytes]:
         headers = {"Content-Type": "application/json", **headers}
@@ -957,6 +957,8 @@ async def read_body(request: web.Request) -> bytes:
     it would take the bodies in hand past --max-pending-bytes."""
     config = request.app[CONFIG]
     counted_on_arrival = request.content_length is None and request.body_exists  # chunked
+    if not counted_on_arrival and request.content.is_eof():
+        return await request.read()  # all here already, the common case: no deadline to set
     try:
         async with deadline_in(config.client_timeout):
             return await (read_counted(request, config.max_body_size) if counted_on_arrival else request.read())
@@ -1134,11 +1136,25 @@ class Metrics:
             "rerank_proxy_rejected", "Requests refused or cut off: overloaded, client_timeout, too_large",
             ("reason",), registry=registry)
 
+        # Labelled children by their labels: labels() validates and locks on every call. Bounded like the labels.
+        self._answered: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._labelled: dict[tuple[Any, str], Any] = {}
+
     def answered(self, route: str, status: int, seconds: float, documents: int) -> None:
-        self.requests.labels(route, str(status)).inc()
-        self.request_seconds.labels(route).observe(seconds)
+        children = self._answered.get((route, status))
+        if children is None:
+            children = self._answered[route, status] = (
+                self.requests.labels(route, str(status)), self.request_seconds.labels(route))
+        children[0].inc()
+        children[1].observe(seconds)
         if documents:
-            self.documents.labels(route).inc(documents)
+            self.labelled(self.documents, route).inc(documents)
+
+    def labelled(self, metric: Any, label: str) -> Any:
+        child = self._labelled.get((metric, label))
+        if child is None:
+            child = self._labelled[metric, label] = metric.labels(label)
+        return child
 
     def exposition(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)
@@ -1188,7 +1204,7 @@ async def errors_and_log(request: web.Request, handler: Handler) -> web.StreamRe
             if exc.status == 405 and "Allow" in exc.headers:
                 response.headers["Allow"] = exc.headers["Allow"]
             if error.kind in REJECTED_AS:
-                app[METRICS].rejected.labels(REJECTED_AS[error.kind]).inc()
+                app[METRICS].labelled(app[METRICS].rejected, REJECTED_AS[error.kind]).inc()
             if error.status == 408:
                 response.force_close()  # "Connection: close": part of the body came, the connection cannot carry more
         except asyncio.CancelledError:
