@@ -28,8 +28,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from aiohttp import ClientSession, ClientTimeout, TCPConnector, TraceConfig, client_exceptions, web
+import prometheus_client
+from aiohttp import ClientSession, ClientTimeout, HttpVersion11, TCPConnector, TraceConfig, client_exceptions, web
 from yarl import URL
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as deadline_in  # unlike asyncio.wait_for, no task per use
+else:
+    from async_timeout import timeout as deadline_in  # aiohttp's own dependency before 3.11
 
 log = logging.getLogger("proxy-classifier")
 
@@ -97,6 +103,11 @@ INFINITY_MAX_BATCH = 2048
 # 2. Configuration: one frozen dataclass, filled from flags and environment variables here only.
 # --------------------------------------------------------------------------------------------
 
+# What one prompt costs in memory beyond its document's text (the template in its /classify body, the
+# objects that track it), measured: 10,000 one-word documents take about 14 MB in a body of 89 KB. Each
+# prompt counts as this many bytes against --max-pending-bytes, or a flood of such requests would pass
+# under a bound on bodies alone.
+PROMPT_BYTES = 1536
 CONNECT_TIMEOUT_SECONDS = 5.0  # an unreachable Infinity fails fast, whatever --timeout says
 # Probes must answer within what orchestrators wait (Kubernetes: 1 s by default), whatever Infinity does.
 LIVENESS_PROBE_SECONDS = 0.8
@@ -122,6 +133,10 @@ class Config:
     api_key: str = ""
     infinity_api_key: str = ""
     log_level: str = "INFO"
+    # Chosen by measurement (README, "Limits"): with them the proxy's peak RSS under any flood stays well under 1 GiB.
+    max_concurrent_requests: int = 256
+    max_pending_bytes: int = 64 * 1024 * 1024
+    client_timeout: float = 30.0
 
     @property
     def infinity_origin(self) -> URL:
@@ -180,6 +195,14 @@ class Config:
             raise ValueError("--infinity-url must not have a query or fragment")
         if url.user is not None or url.password is not None:
             raise ValueError("--infinity-url must not carry credentials; give Infinity's key as --infinity-api-key")
+        at_least("--max-concurrent-requests", self.max_concurrent_requests, 1)
+        if self.max_pending_bytes < self.max_body_size:
+            raise ValueError(
+                f"--max-pending-bytes ({self.max_pending_bytes}) must be at least --max-body-size "
+                f"({self.max_body_size}), or a body of the largest allowed size could never be admitted"
+            )
+        if not (self.client_timeout > 0 and math.isfinite(self.client_timeout)):
+            raise ValueError(f"--client-timeout must be a positive number of seconds (got {self.client_timeout:g})")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError(f"--log-level must be DEBUG, INFO, WARNING or ERROR (got {self.log_level!r})")
 
@@ -203,6 +226,11 @@ OPTIONS: list[tuple[str, type, str]] = [
     ("--api-key", str, "if set, clients must send 'Authorization: Bearer <key>'"),
     ("--infinity-api-key", str, "bearer token the proxy sends to Infinity"),
     ("--log-level", str, "DEBUG, INFO, WARNING or ERROR"),
+    ("--max-concurrent-requests", int, "requests handled at once; more are refused at once (429 overloaded_error)"),
+    ("--max-pending-bytes", int, f"bytes of request bodies, and {PROMPT_BYTES} a prompt, held at once; more are "
+     "refused at once (429 overloaded_error)"),
+    ("--client-timeout", float, "seconds a client may take to send its headers, and then its body (else 408 "
+     "or the connection is closed), and to read its answer"),
 ]
 SECRET_OPTIONS = {"--api-key", "--infinity-api-key"}
 
@@ -258,21 +286,21 @@ class RerankError(Exception):
 
     TYPES: ClassVar[dict[int, str]] = {
         400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-        405: "method_not_allowed", 413: "request_too_large", 429: "rate_limit_error", 502: "upstream_error",
-        503: "service_unavailable", 504: "timeout_error",
+        405: "method_not_allowed", 408: "request_timeout_error", 413: "request_too_large", 429: "rate_limit_error",
+        502: "upstream_error", 503: "service_unavailable", 504: "timeout_error",
     }
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, kind: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.headers = headers or {}
+        self.kind = kind or self.TYPES.get(status, "internal_error" if status >= 500 else "invalid_request_error")
 
     def body(self) -> dict[str, Any]:
-        kind = self.TYPES.get(self.status, "internal_error" if self.status >= 500 else "invalid_request_error")
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.status}}
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
 
 
 def bad_request(message: str, param: str | None = None) -> RerankError:
@@ -663,8 +691,10 @@ class Infinity:
     """Holds the shared ClientSession, the bound on calls in flight, and the mapping of Infinity's
     failures to the proxy's errors."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, metrics: Metrics) -> None:
         self.config = config
+        self.metrics = metrics
+        metrics.upstream_in_flight.set_function(lambda: self.in_flight)  # read at scrape time: free per call
         self.origin = config.infinity_origin
         self.classify_url = config.infinity_url.rstrip("/") + "/classify"
         self.models_path = URL(config.infinity_url).raw_path.rstrip("/") + "/models"
@@ -711,19 +741,32 @@ class Infinity:
 
     async def classify(self, body: bytes, expected: int, headers: dict[str, str]) -> tuple[list[float], int]:
         """One /classify call: the positive label's probability for each input, and its tokens."""
-        async with self.slots:
-            self.in_flight += 1
-            try:
-                status, answer_headers, raw = await self._post_classify(body, headers)
-            finally:
-                self.in_flight -= 1
-        if status != 200:
-            raise self.failure(status, answer_headers, raw)
+        outcome = "cancelled"  # unless the call ends otherwise: its request gave up (client gone, --timeout)
         try:
-            answer = json.loads(raw)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise RerankError(502, f"Infinity's /classify answer is not JSON: {raw[:200]!r}") from None
-        return positive_probabilities(answer, expected, self.config.positive_label)
+            async with self.slots:
+                self.in_flight += 1
+                started = time.perf_counter()
+                try:
+                    status, answer_headers, raw = await self._post_classify(body, headers)
+                except RerankError as exc:
+                    outcome = "timeout" if exc.status == 504 else "unreachable"
+                    raise
+                finally:
+                    self.in_flight -= 1
+                    self.metrics.upstream_seconds.observe(time.perf_counter() - started)
+            if status != 200:
+                outcome = "http_429" if status == 429 else f"http_{status // 100}xx"
+                raise self.failure(status, answer_headers, raw)
+            outcome = "bad_answer"
+            try:
+                answer = json.loads(raw)
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                raise RerankError(502, f"Infinity's /classify answer is not JSON: {raw[:200]!r}") from None
+            scores = positive_probabilities(answer, expected, self.config.positive_label)
+            outcome = "ok"
+            return scores
+        finally:
+            self.metrics.labelled(self.metrics.upstream_calls, outcome).inc()
 
     async def _post_classify(self, body: bytes, headers: dict[str, str]) -> tuple[int, Any, bytes]:
         headers = {"Content-Type": "application/json", **headers}
@@ -866,10 +909,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 async def rerank(request: web.Request, shape: AnswerShape) -> web.Response:
     config = request.app[CONFIG]
-    rerank_request = parse_rerank(decode_body(await request.read()), config)
+    rerank_request = parse_rerank(decode_body(await read_body(request)), config)
     stats = request[STATS]
     stats["documents"] = len(rerank_request.documents)
     plan = plan_prompts(rerank_request, config)
+    request.app[ADMISSION].take(stats, PROMPT_BYTES * len(plan.unique_texts))  # before their bodies are built
     calls = classify_bodies(rerank_request.model, plan, config.batch_size)
     stats["chunks"] = len(plan.unique_texts)
     # All calls start at once: counted here, the log line of a failed request shows them too.
@@ -903,6 +947,38 @@ async def ready(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready"})
 
 
+async def prometheus_metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].exposition(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole body. One still arriving must arrive within --client-timeout (else 408). One without
+    Content-Length was not counted at admission: it is counted as it arrives, and refused (429) when
+    it would take the bodies in hand past --max-pending-bytes."""
+    config = request.app[CONFIG]
+    counted_on_arrival = request.content_length is None and request.body_exists  # chunked
+    if not counted_on_arrival and request.content.is_eof():
+        return await request.read()  # all here already, the common case: no deadline to set
+    try:
+        async with deadline_in(config.client_timeout):
+            return await (read_counted(request, config.max_body_size) if counted_on_arrival else request.read())
+    except asyncio.TimeoutError:
+        raise RerankError(408, f"the request body did not arrive within --client-timeout "
+                          f"({config.client_timeout:g} s)") from None
+
+
+async def read_counted(request: web.Request, max_body_size: int) -> bytes:
+    admission, stats = request.app[ADMISSION], request[STATS]
+    pieces, size = [], 0
+    async for piece in request.content.iter_any():
+        size += len(piece)
+        if size > max_body_size:
+            raise web.HTTPRequestEntityTooLarge(max_size=max_body_size, actual_size=size)
+        admission.take(stats, len(piece))
+        pieces.append(piece)
+    return b"".join(pieces)
+
+
 async def models(request: web.Request) -> web.Response:
     return await forward_to_infinity(request, request.app[INFINITY].models_path)
 
@@ -915,7 +991,7 @@ async def forward_under_prefix(request: web.Request) -> web.Response:
 
 async def forward_to_infinity(request: web.Request, raw_path: str) -> web.Response:
     """Infinity's own answer, status and body verbatim: one base URL serves embeddings too."""
-    body = await request.read()
+    body = await read_body(request)
     refuse_blank_inputs(body)
     headers = upstream_headers(request)
     for name in ("Content-Type", "Accept"):
@@ -951,10 +1027,140 @@ def refuse_blank_inputs(body: bytes) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# 6. Middleware, the app factory and main().
+# 6. Load and metrics, the middleware, the app factory and main().
 # --------------------------------------------------------------------------------------------
 
 OPEN_PATHS = {"/health", "/ready"}  # probes answer without a key
+NEVER_REFUSED = {*OPEN_PATHS, "/metrics"}  # cheap, and most needed when the proxy is overloaded
+UNMATCHED = "unmatched"  # the route label of a path no route serves: unknown paths add no series
+RETRY_OVERLOADED_SECONDS = "1"
+
+
+class Admission:
+    """The requests the proxy holds at once and the body bytes they bring. Over either bound a request is
+    refused at once (TEI's --max-concurrent-requests, Envoy's overload manager), not queued until --timeout:
+    together the bounds cap the proxy's memory under any flood, and a router learns at once to go elsewhere."""
+
+    def __init__(self, config: Config) -> None:
+        self.max_requests = config.max_concurrent_requests
+        self.max_bytes = config.max_pending_bytes
+        self.max_body_size = config.max_body_size
+        self.requests = 0
+        self.bytes = 0
+
+    def would_admit(self, declared: int | None) -> bool:
+        declared = declared or 0
+        return (declared <= self.max_body_size and self.requests < self.max_requests
+                and self.bytes + declared <= self.max_bytes)
+
+    def admit(self, stats: dict[str, Any], declared: int | None) -> None:
+        """Decided from the headers, before any of the body is read."""
+        declared = declared or 0  # a chunked body is counted as it arrives (take)
+        if declared > self.max_body_size:  # refused before reading it, rather than while reading it
+            raise web.HTTPRequestEntityTooLarge(max_size=self.max_body_size, actual_size=declared)
+        if self.requests >= self.max_requests:
+            raise overloaded(f"{self.requests} requests are in hand, the most --max-concurrent-requests allows")
+        self.take(stats, declared)
+        self.requests += 1
+
+    def take(self, stats: dict[str, Any], more: int) -> None:
+        """More bytes for an admitted request: a chunked body as it arrives, its prompts once planned. A
+        request alone may pass the bound (its prompts can): else a request allowed by the other limits
+        could be refused for ever."""
+        if self.bytes + more > self.max_bytes and self.bytes > stats["held_bytes"]:
+            raise overloaded(f"the requests in hand ({self.bytes} bytes of bodies and prompts, {PROMPT_BYTES} a "
+                             f"prompt) and this one would pass --max-pending-bytes ({self.max_bytes})")
+        self.bytes += more
+        stats["held_bytes"] += more
+
+    def release(self, stats: dict[str, Any]) -> None:
+        self.requests -= 1
+        self.bytes -= stats["held_bytes"]
+
+
+ADMISSION = web.AppKey("admission", Admission)
+
+
+async def continue_if_admitted(request: web.Request) -> None:
+    """curl sends "Expect: 100-continue" with a large body and waits for "100 Continue" before sending it. It
+    gets one only when admission would take the request now; otherwise the middleware's 429 (or 413) is the
+    answer it waits for, and the body is never sent."""
+    if (request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue"
+            and request.app[ADMISSION].would_admit(request.content_length)):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # as aiohttp's own expect handler: the answer has not started
+
+
+def overloaded(why: str) -> RerankError:
+    return RerankError(429, f"the proxy is overloaded: {why}; retry shortly or use another replica",
+                       headers={RETRY_AFTER: RETRY_OVERLOADED_SECONDS}, kind="overloaded_error")
+
+
+# Why a request was refused or cut off, by its error type: rerank_proxy_rejected_total{reason}.
+REJECTED_AS = {"overloaded_error": "overloaded", "request_timeout_error": "client_timeout",
+               "request_too_large": "too_large"}
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+METRICS_CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    """What /metrics shows. A registry of the app's own (tests build many apps in one process), with the
+    library's process, platform and GC collectors. Labels are route templates, statuses and fixed words:
+    never a raw path, a query or a document."""
+
+    def __init__(self, requests_in_progress: Callable[[], float]) -> None:
+        registry = self.registry = prometheus_client.CollectorRegistry()
+        for collector in (prometheus_client.ProcessCollector, prometheus_client.PlatformCollector,
+                          prometheus_client.GCCollector):
+            collector(registry=registry)
+        self.requests = prometheus_client.Counter(
+            "rerank_proxy_requests", "Requests answered, by matched route and status (499: the client went away)",
+            ("route", "status"), registry=registry)
+        self.request_seconds = prometheus_client.Histogram(
+            "rerank_proxy_request_duration_seconds", "Time from the request's headers to its answer written",
+            ("route",), buckets=DURATION_BUCKETS, registry=registry)
+        self.documents = prometheus_client.Counter(
+            "rerank_proxy_documents", "Documents (or TEI texts) received in accepted rerank requests", ("route",),
+            registry=registry)
+        self.upstream_calls = prometheus_client.Counter(
+            "rerank_proxy_upstream_calls", "/classify calls to Infinity, by outcome", ("outcome",), registry=registry)
+        self.upstream_seconds = prometheus_client.Histogram(
+            "rerank_proxy_upstream_call_duration_seconds", "Time of one /classify call, from its slot to its answer",
+            buckets=DURATION_BUCKETS, registry=registry)
+        self.upstream_in_flight = prometheus_client.Gauge(
+            "rerank_proxy_upstream_in_flight", "/classify calls in flight", registry=registry)
+        prometheus_client.Gauge(
+            "rerank_proxy_requests_in_progress", "Requests admitted and not yet answered", registry=registry,
+        ).set_function(requests_in_progress)
+        self.rejected = prometheus_client.Counter(
+            "rerank_proxy_rejected", "Requests refused or cut off: overloaded, client_timeout, too_large",
+            ("reason",), registry=registry)
+
+        # Labelled children by their labels: labels() validates and locks on every call. Bounded like the labels.
+        self._answered: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._labelled: dict[tuple[Any, str], Any] = {}
+
+    def answered(self, route: str, status: int, seconds: float, documents: int) -> None:
+        children = self._answered.get((route, status))
+        if children is None:
+            children = self._answered[route, status] = (
+                self.requests.labels(route, str(status)), self.request_seconds.labels(route))
+        children[0].inc()
+        children[1].observe(seconds)
+        if documents:
+            self.labelled(self.documents, route).inc(documents)
+
+    def labelled(self, metric: Any, label: str) -> Any:
+        child = self._labelled.get((metric, label))
+        if child is None:
+            child = self._labelled[metric, label] = metric.labels(label)
+        return child
+
+    def exposition(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)
+
+
+METRICS = web.AppKey("metrics", Metrics)
 
 
 def bearer_matches(header: str | None, key: str) -> bool:
@@ -969,37 +1175,79 @@ def bearer_matches(header: str | None, key: str) -> bool:
 
 @web.middleware
 async def errors_and_log(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Request id, auth, one log line per request, and every error as the contract's JSON."""
+    """Request id, auth, admission, one log line and the metrics per request, and every error as the
+    contract's JSON."""
     started = time.perf_counter()
     incoming = request.headers.get(REQUEST_ID, "")
     request_id = incoming if _REQUEST_ID_OK.fullmatch(incoming) else uuid.uuid4().hex
     request[REQUEST_ID_KEY] = request_id
-    stats: dict[str, Any] = {"documents": 0, "chunks": 0, "upstream_calls": 0}
+    stats: dict[str, Any] = {"documents": 0, "chunks": 0, "upstream_calls": 0, "held_bytes": 0}
     request[STATS] = stats
+    app = request.app
+    resource = request.match_info.route.resource  # None when no route matched: aiohttp's 404/405
+    route = UNMATCHED if resource is None else resource.canonical
+    admission = None
+    status = 499  # nginx's "client closed request", unless an answer is made
     try:
-        config = request.app[CONFIG]
-        if config.api_key and request.path not in OPEN_PATHS and not bearer_matches(
-                request.headers.get("Authorization"), config.api_key):
-            raise RerankError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
-        response = await handler(request)
-    except RerankError as exc:
-        response = error_response(exc)
-    except web.HTTPException as exc:  # aiohttp's own 404, 405, 413
-        response = error_response(RerankError(exc.status, aiohttp_message(request, exc)))
-        if exc.status == 405 and "Allow" in exc.headers:
-            response.headers["Allow"] = exc.headers["Allow"]
-    except asyncio.CancelledError:
-        log.info("request_id=%s %s %s cancelled: the client went away documents=%d ms=%.1f", request_id,
-                 request.method, request.path, stats["documents"], 1000 * (time.perf_counter() - started))
-        raise
-    except Exception:
-        log.exception("request_id=%s %s %s failed: a bug", request_id, request.method, request.path)
-        response = error_response(RerankError(500, f"internal error; quote request id {request_id}"))
-    response.headers[REQUEST_ID] = request_id
+        try:
+            config = app[CONFIG]
+            if config.api_key and request.path not in OPEN_PATHS and not bearer_matches(
+                    request.headers.get("Authorization"), config.api_key):
+                raise RerankError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+            if resource is not None and route not in NEVER_REFUSED:
+                app[ADMISSION].admit(stats, request.content_length)
+                admission = app[ADMISSION]
+            response = await handler(request)
+        except (RerankError, web.HTTPException) as exc:  # aiohttp's own 404, 405, 413 too
+            error = exc if isinstance(exc, RerankError) else RerankError(exc.status, aiohttp_message(request, exc))
+            response = error_response(error)
+            if exc.status == 405 and "Allow" in exc.headers:
+                response.headers["Allow"] = exc.headers["Allow"]
+            if error.kind in REJECTED_AS:
+                app[METRICS].labelled(app[METRICS].rejected, REJECTED_AS[error.kind]).inc()
+            if error.status == 408:
+                response.force_close()  # "Connection: close": part of the body came, the connection cannot carry more
+        except asyncio.CancelledError:
+            log.info("request_id=%s %s %s cancelled: the client went away documents=%d ms=%.1f", request_id,
+                     request.method, request.path, stats["documents"], 1000 * (time.perf_counter() - started))
+            raise
+        except Exception:
+            log.exception("request_id=%s %s %s failed: a bug", request_id, request.method, request.path)
+            response = error_response(RerankError(500, f"internal error; quote request id {request_id}"))
+        response.headers[REQUEST_ID] = request_id
+        status = response.status
+        if admission is not None:  # the answer is written while its request still counts against the bounds
+            await deliver(request, response, config.client_timeout)
+            if status == 408 and request.transport is not None:
+                request.transport.close()  # at once: aiohttp would wait up to 10 s more for the rest of the body
+    finally:
+        if admission is not None:
+            admission.release(stats)
+        app[METRICS].answered(route, status, time.perf_counter() - started, stats["documents"])
     log.info("request_id=%s %s %s status=%d documents=%d chunks=%d upstream_calls=%d ms=%.1f", request_id,
-             request.method, request.path, response.status, stats["documents"], stats["chunks"],
+             request.method, request.path, status, stats["documents"], stats["chunks"],
              stats["upstream_calls"], 1000 * (time.perf_counter() - started))
     return response
+
+
+async def deliver(request: web.Request, response: web.StreamResponse, within: float) -> None:
+    """Write the answer now. An answer the client does not read (a 32 MiB return_documents echo) stays in
+    memory until it is sent: it must count against the bounds, and a client that does not read it within
+    --client-timeout is dropped."""
+    dropping = asyncio.get_running_loop().call_later(within, drop_slow_reader, request)
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:
+        pass  # the client went away, or was dropped
+    finally:
+        dropping.cancel()
+
+
+def drop_slow_reader(request: web.Request) -> None:
+    if request.transport is not None:
+        request.app[METRICS].rejected.labels("client_timeout").inc()
+        request.transport.abort()  # not close(): that would keep the unsent answer until it drains
 
 
 def aiohttp_message(request: web.Request, exc: web.HTTPException) -> str:
@@ -1031,7 +1279,9 @@ def only(methods: tuple[str, ...], handler: Handler) -> Handler:
 def make_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[errors_and_log], client_max_size=config.max_body_size)
     app[CONFIG] = config
-    infinity = app[INFINITY] = Infinity(config)
+    admission = app[ADMISSION] = Admission(config)
+    metrics = app[METRICS] = Metrics(lambda: admission.requests)
+    infinity = app[INFINITY] = Infinity(config, metrics)
 
     async def upstream_session(app: web.Application) -> AsyncIterator[None]:
         # One shared session for the app's lifetime: opened before the first request, closed last.
@@ -1043,17 +1293,45 @@ def make_app(config: Config) -> web.Application:
     get = ("GET", "HEAD")
     routes = [("/rerank", ("POST",), rerank_infinity_shape), ("/v1/rerank", ("POST",), rerank_infinity_shape),
               ("/v2/rerank", ("POST",), rerank_cohere_v2_shape), ("/health", get, health),
-              ("/ready", get, ready), ("/models", get, models), ("/v1/models", get, models)]
+              ("/ready", get, ready), ("/metrics", get, prometheus_metrics), ("/models", get, models),
+              ("/v1/models", get, models)]
     for path, methods, handler in routes:
-        app.router.add_route("*", path, only(methods, handler))
+        app.router.add_route("*", path, only(methods, handler), expect_handler=continue_if_admitted)
     prefix = config.infinity_prefix
-    app.router.add_route("*", prefix + "/{tail:.*}", forward_under_prefix)
+    app.router.add_route("*", prefix + "/{tail:.*}", forward_under_prefix, expect_handler=continue_if_admitted)
     return app
+
+
+def server_options(config: Config) -> dict[str, Any]:
+    """How aiohttp serves the app (main() and the tests alike)."""
+    # aiohttp's keep-alive timer runs from a connection's opening and from each answer until the next
+    # request's headers are complete: at --client-timeout it closes an idle connection, and one whose
+    # headers never finish (aiohttp itself bounds only their size). The body has its own deadline (read_body).
+    return {"keepalive_timeout": config.client_timeout}
+
+
+# Each client connection takes a file descriptor: the usual soft limit (1024) would refuse connections long
+# before memory or CPU run out.
+WANTED_OPEN_FILES = 65536
+
+
+def raise_open_files_limit() -> None:
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = WANTED_OPEN_FILES if hard == resource.RLIM_INFINITY else min(WANTED_OPEN_FILES, hard)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        log.info("raised the open-files soft limit from %d to %d (the hard limit is %s), so that many client "
+                 "connections can be held", soft, wanted, "unlimited" if hard == resource.RLIM_INFINITY else hard)
 
 
 def main(argv: list[str] | None = None) -> None:
     config = load_config(argv)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    raise_open_files_limit()
     if config.infinity_api_key and not config.api_key:
         log.warning("--infinity-api-key is used only with --api-key: without it, each client's own "
                     "Authorization header goes to Infinity as it came")
@@ -1061,8 +1339,10 @@ def main(argv: list[str] | None = None) -> None:
              config.model)
     web.run_app(make_app(config), host=config.host, port=config.port, access_log=None, print=None,
                 handler_cancellation=True,
+                # A flood of new connections waits in the kernel's queue for its fast 429, not in SYN retries.
+                backlog=1024,
                 # SIGTERM/SIGINT: stop accepting, let requests in flight finish within their own deadline.
-                shutdown_timeout=config.timeout)
+                shutdown_timeout=config.timeout, **server_options(config))
 
 
 if __name__ == "__main__":

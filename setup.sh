@@ -6,7 +6,7 @@ set -euo pipefail
 
 usage() {
     echo "usage: ./setup.sh [--dev]"
-    echo "  (no option)  .venv with the proxy's runtime requirements (aiohttp)"
+    echo "  (no option)  .venv with the proxy's runtime requirements (aiohttp, prometheus_client)"
     echo "  --dev        also the test and benchmark requirements, the end-to-end tier's included"
 }
 
