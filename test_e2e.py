@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from conftest import ROOT, free_port, proxy, strict_environment
+from conftest import ROOT, free_port, missing_tier, proxy
 
 pytestmark = pytest.mark.e2e
 
@@ -269,11 +269,8 @@ def e2e_world() -> Iterator[None]:
     """The tier's packages, or a skip that says how to install them (a failure where CI demands every
     tier); and the offline environment for this process while the tier runs."""
     if MISSING_PACKAGES:
-        message = (f"the end-to-end tier needs {', '.join(MISSING_PACKAGES)}: run ./setup.sh --dev "
-                   "(or pip install -r requirements-e2e.txt)")
-        if strict_environment():
-            pytest.fail(f"{message}; PROXY_TESTS_REQUIRE_ALL=1 does not allow skipping it")
-        pytest.skip(message)
+        missing_tier(f"the end-to-end tier needs {', '.join(MISSING_PACKAGES)}: run ./setup.sh --dev "
+                     "(or pip install -r requirements-e2e.txt)")
     with pytest.MonkeyPatch.context() as patch:
         for name, value in OFFLINE_ENV.items():
             patch.setenv(name, value)
