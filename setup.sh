@@ -7,7 +7,8 @@ set -euo pipefail
 usage() {
     echo "usage: ./setup.sh [--dev]"
     echo "  (no option)  .venv with the proxy's runtime requirements (aiohttp)"
-    echo "  --dev        also the test and benchmark requirements, the end-to-end tier's included"
+    echo "  --dev        also the test and benchmark requirements, the end-to-end tier's included,"
+    echo "               and the LiteLLM gateway in .venv-gateway"
 }
 
 dev=0
@@ -47,6 +48,12 @@ if [ "$dev" = 1 ]; then
     # torch first and on its own, pinned: nothing else may pick a (multi-GB, CUDA) torch for us.
     "${pip[@]}" "$(grep -E '^torch==' requirements-e2e.txt)"
     "${pip[@]}" -r requirements-e2e.txt
+    # litellm[proxy] needs uvicorn>=0.33 and infinity-emb[server] needs uvicorn<0.33: the gateway gets its own venv.
+    echo "==> installing the LiteLLM gateway into .venv-gateway (requirements-gateway.txt: litellm[proxy])"
+    if [ ! -x .venv-gateway/bin/python ]; then
+        "$python" -m venv .venv-gateway
+    fi
+    .venv-gateway/bin/python -m pip install --disable-pip-version-check --quiet -r requirements-gateway.txt
 fi
 
 echo "==> done. Run the proxy:  .venv/bin/python proxy-classifier.py --infinity-url http://localhost:7997/v1"
