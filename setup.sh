@@ -8,7 +8,8 @@ usage() {
     echo "usage: ./setup.sh [--dev]"
     echo "  (no option)  .venv with the proxy's runtime requirements (aiohttp)"
     echo "  --dev        also the test and benchmark requirements, the end-to-end tier's included,"
-    echo "               and .venv-clients with the RAG frameworks' reranker clients"
+    echo "               .venv-gateway with the LiteLLM gateway, and .venv-clients with the RAG frameworks'"
+    echo "               reranker clients"
 }
 
 dev=0
@@ -48,6 +49,12 @@ if [ "$dev" = 1 ]; then
     # torch first and on its own, pinned: nothing else may pick a (multi-GB, CUDA) torch for us.
     "${pip[@]}" "$(grep -E '^torch==' requirements-e2e.txt)"
     "${pip[@]}" -r requirements-e2e.txt
+    # litellm[proxy] needs uvicorn>=0.33 and infinity-emb[server] needs uvicorn<0.33: the gateway gets its own venv.
+    echo "==> installing the LiteLLM gateway into .venv-gateway (requirements-gateway.txt: litellm[proxy])"
+    if [ ! -x .venv-gateway/bin/python ]; then
+        "$python" -m venv .venv-gateway
+    fi
+    .venv-gateway/bin/python -m pip install --disable-pip-version-check --quiet -r requirements-gateway.txt
     # The RAG frameworks' reranker clients (Haystack, LlamaIndex, LangChain) get a venv of their own,
     # because langchain-cohere 0.6.0 needs cohere<6 while the tests in .venv use the Cohere SDK 7.
     # test_clients.py runs them with .venv-clients/bin/python. None of them pulls torch or a model:

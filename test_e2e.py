@@ -266,11 +266,14 @@ class Server:
 
 @pytest.fixture(scope="session", autouse=True)
 def e2e_world() -> Iterator[None]:
+    yield from offline_tier("the end-to-end tier", MISSING_PACKAGES, " (or pip install -r requirements-e2e.txt)")
+
+
+def offline_tier(tier: str, missing: list[str], alternative: str = "") -> Iterator[None]:
     """The tier's packages, or a skip that says how to install them (a failure where CI demands every
     tier); and the offline environment for this process while the tier runs."""
-    if MISSING_PACKAGES:
-        missing_tier(f"the end-to-end tier needs {', '.join(MISSING_PACKAGES)}: run ./setup.sh --dev "
-                     "(or pip install -r requirements-e2e.txt)")
+    if missing:
+        missing_tier(f"{tier} needs {', '.join(missing)}: run ./setup.sh --dev{alternative}")
     with pytest.MonkeyPatch.context() as patch:
         for name, value in OFFLINE_ENV.items():
             patch.setenv(name, value)
@@ -350,6 +353,10 @@ def proxy_to_keyed_infinity(keyed_infinity: Server, served_model: str, logs: Pat
 
 @pytest.fixture(scope="session")
 def logit_margin(tiny_model: Path) -> Callable[[str], float]:
+    return model_logit_margin(tiny_model)
+
+
+def model_logit_margin(tiny_model: Path) -> Callable[[str], float]:
     """The model's own answer, run with transformers: prompt -> logit_1 - logit_0."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
