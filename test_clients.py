@@ -53,7 +53,7 @@ EXAMPLES = ROOT / "examples"
 PROXY_KEY = "clients-proxy-key"
 CLIENT_SECONDS = 120.0  # one client subprocess: imports take 1 to 4 s here, the call well under one
 
-# What each framework client posts to, read from its installed source (README "Clients").
+# What each framework client posts to, read from its installed source (README "Using it from Haystack, ...").
 CLIENT_ROUTES = {
     "haystack_tei_ranker": "/rerank",  # HuggingFaceTEIRanker: urljoin(url, "/rerank"), TEI's body
     "haystack_cohere_ranker": "/v2/rerank",  # CohereRanker: cohere.ClientV2
@@ -120,9 +120,9 @@ print(json.dumps(rerank(call["query"], call["texts"], call["top"])))
 
 
 def run_client(clients_venv: Path, env: dict[str, str], *, example: str = "", snippet: str = "",
-               texts: list[str] = DOCUMENTS, top: int = len(DOCUMENTS)) -> subprocess.CompletedProcess:
+               top: int = len(DOCUMENTS)) -> subprocess.CompletedProcess:
     call = {"example": str(EXAMPLES / f"{example}.py") if example else "", "snippet": snippet,
-            "query": QUERY, "texts": texts, "top": top}
+            "query": QUERY, "texts": DOCUMENTS, "top": top}
     return subprocess.run([str(clients_venv), "-c", DRIVER, json.dumps(call)], env=env, capture_output=True,
                           text=True, timeout=CLIENT_SECONDS, stdin=subprocess.DEVNULL)
 
@@ -195,9 +195,9 @@ def test_each_framework_client_gets_the_models_ranking(example: str, clients_ven
 
 
 @pytest.mark.parametrize("example", CLIENT_ROUTES)
-def test_each_framework_client_cuts_the_ranking_at_its_top_n(example: str, clients_venv: Path,
-                                                              keyed_proxy: Server, served_model: str,
-                                                              model_score: Callable[..., float]) -> None:
+def test_each_framework_client_cuts_at_its_top_n_through_a_keyed_proxy(example: str, clients_venv: Path,
+                                                                      keyed_proxy: Server, served_model: str,
+                                                                      model_score: Callable[..., float]) -> None:
     # Through a proxy with --api-key, with the key in RERANK_PROXY_KEY as the README says.
     got = ranked(run_client(clients_venv, clients_env(keyed_proxy, served_model, PROXY_KEY), example=example, top=2))
     assert_ranking(got, model_ranking(model_score, DOCUMENTS, 2))
