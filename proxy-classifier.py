@@ -945,7 +945,8 @@ async def rerank(request: web.Request, shape: AnswerShape, speaks_tei: bool = Fa
     return web.json_response(shape(rerank_request, scores, tokens), dumps=compact_json)
 
 
-async def rerank_infinity_or_tei_shape(request: web.Request) -> web.Response:
+async def rerank_infinity_shape(request: web.Request) -> web.Response:
+    """/rerank and /v1/rerank: Infinity's shape, or TEI's for a body with texts."""
     return await rerank(request, infinity_answer, speaks_tei=True)
 
 
@@ -1106,8 +1107,7 @@ def make_app(config: Config) -> web.Application:
 
     app.cleanup_ctx.append(upstream_session)
     get = ("GET", "HEAD")
-    routes = [("/rerank", ("POST",), rerank_infinity_or_tei_shape),
-              ("/v1/rerank", ("POST",), rerank_infinity_or_tei_shape),
+    routes = [("/rerank", ("POST",), rerank_infinity_shape), ("/v1/rerank", ("POST",), rerank_infinity_shape),
               ("/v2/rerank", ("POST",), rerank_cohere_v2_shape), ("/health", get, health),
               ("/ready", get, ready), ("/models", get, models), ("/v1/models", get, models),
               ("/info", get, info), ("/v1/info", get, info)]

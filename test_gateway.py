@@ -131,6 +131,10 @@ class Answer:
     at: float  # time.monotonic() when the answer arrived
 
     @property
+    def sent(self) -> float:
+        return self.at - self.seconds
+
+    @property
     def retries(self) -> int:
         return int(self.headers.get("x-litellm-attempted-retries") or 0)
 
@@ -394,10 +398,14 @@ class Traffic:
         self.stopping.set()
         self.thread.join(timeout=2 * CALL_SECONDS)
 
-    def wait_for(self, count: int, timeout: float) -> None:
+    def wait_until(self, done: Callable[[list[Answer]], bool], timeout: float) -> bool:
+        """Whether the answers so far satisfy `done` within `timeout` seconds."""
         deadline = time.monotonic() + timeout
-        while len(self.answers) < count and time.monotonic() < deadline and self.thread.is_alive():
+        while not done(self.answers[:]):
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                return False
             time.sleep(0.05)
+        return True
 
 
 PACE = 0.05
@@ -409,46 +417,48 @@ def test_a_pair_whose_infinity_stops_is_failed_over_and_serves_again_once_it_is_
         failover_gateway: str, pair_a: Pair, pair_b: Pair, expected: dict[str, Any],
         figures: dict[str, Any]) -> None:
     a_before = pair_a.served(len(DOCUMENTS)).get(200, 0)
+
+    def served_by_a_after(moment: float) -> Callable[[list[Answer]], bool]:
+        return lambda answers: any(a.api_base == pair_a.url and a.sent > moment for a in answers)
+
     with Traffic(failover_gateway, TRAFFIC_LIMIT) as traffic:
-        traffic.wait_for(20, 60)
-        stopped_at = time.monotonic()
-        first_after_stop = len(traffic.answers)
+        # Mid-run: pair a has served this traffic before its Infinity stops.
+        assert traffic.wait_until(served_by_a_after(0.0), 60), "pair a served nothing before the stop"
+        stopping_at = time.monotonic()
         stop(pair_a.infinity)
-        stop_seconds = time.monotonic() - stopped_at
-        traffic.wait_for(first_after_stop + 100, 60)
+        stopped_at = time.monotonic()
+        answers_at_stop = len(traffic.answers)
+        traffic.wait_until(lambda answers: len(answers) >= answers_at_stop + 100, 60)
+        restarting_at = time.monotonic()
         pair_a.start_infinity()
         back_at = time.monotonic()
-        served_again_at = None
-        while time.monotonic() - back_at < RECOVERY_SECONDS and len(traffic.answers) < TRAFFIC_LIMIT:
-            if any(a.api_base == pair_a.url and a.at > back_at for a in traffic.answers[-20:]):
-                served_again_at = next(a.at for a in traffic.answers if a.api_base == pair_a.url and a.at > back_at)
-                break
-            time.sleep(0.1)
+        serves_again = traffic.wait_until(served_by_a_after(back_at), RECOVERY_SECONDS)
     answers = traffic.answers
     for answer in answers:
         assert_correct(answer, expected)
     retried = [a for a in answers if a.retries > 0]
     a_log = pair_a.served(len(DOCUMENTS))
-    last_retry_at = max((a.at for a in retried), default=stopped_at)
+    last_retry_at = max((a.at for a in retried), default=stopping_at)
+    served_again_at = min((a.at for a in answers if a.api_base == pair_a.url and a.sent > back_at), default=None)
     figures["infinity_stopped"] = {
         "requests": len(answers), "failed": sum(a.status != 200 for a in answers),
         "needed_a_retry": len(retried), "retries": sum(a.retries for a in retried),
-        "seconds_to_stop_infinity": round(stop_seconds, 2),
-        "last_retried_request_seconds_after_stop": round(last_retry_at - stopped_at, 2),
+        "seconds_to_stop_infinity": round(stopped_at - stopping_at, 2),
+        "last_retried_request_seconds_after_stop": round(last_retry_at - stopping_at, 2),
         "retried_request_seconds_max": round(max((a.seconds for a in retried), default=0.0), 3),
         "plain_request_seconds_median": round(sorted(a.seconds for a in answers if not a.retries)[
             len([a for a in answers if not a.retries]) // 2], 3),
         "pair_a_502s_in_its_log": a_log.get(502, 0),
-        "seconds_infinity_was_down": round(back_at - stopped_at, 1),
+        "seconds_infinity_was_down": round(back_at - stopping_at, 1),
         "seconds_from_infinity_back_to_pair_a_serving": (
             round(served_again_at - back_at, 1) if served_again_at is not None else None),
         "seconds_from_stop_to_pair_a_serving_again": (
-            round(served_again_at - stopped_at, 1) if served_again_at is not None else None),
+            round(served_again_at - stopping_at, 1) if served_again_at is not None else None),
     }
     assert sum(a.status != 200 for a in answers) == 0
-    # The stop happened mid-run: pair a had served before it and failed some attempt after it.
-    assert a_before > 0 and a_log.get(502, 0) + len(retried) > 0
-    assert served_again_at is not None, f"pair a did not serve again within {RECOVERY_SECONDS} s"
+    # While pair a's Infinity was down, every request (retried or not) was answered by pair b.
+    assert {a.api_base for a in answers if stopped_at < a.sent and a.at < restarting_at} == {pair_b.url}
+    assert serves_again, f"pair a did not serve again within {RECOVERY_SECONDS} s of its Infinity's return"
     assert a_log.get(200, 0) > a_before
 
 
