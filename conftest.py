@@ -210,3 +210,11 @@ def unlistened_socket() -> Iterator[socket.socket]:
 def strict_environment() -> bool:
     """CI sets this so that a tier whose packages are missing fails instead of skipping."""
     return os.environ.get("PROXY_TESTS_REQUIRE_ALL") == "1"
+
+
+def missing_tier(message: str) -> None:
+    """Skip a tier whose packages are missing, saying how to install them; fail instead where CI demands
+    every tier."""
+    if strict_environment():
+        pytest.fail(f"{message}; PROXY_TESTS_REQUIRE_ALL=1 does not allow skipping it")
+    pytest.skip(message)

@@ -2,7 +2,7 @@
 """Rerank proxy for Infinity.
 
 Infinity serves mxbai-rerank-v2 (the two-label ``-seq`` conversion) only through ``/classify``
-(Infinity issue 552). This proxy accepts Cohere/Infinity-style rerank requests on ``/rerank``,
+(Infinity issue 552). This proxy accepts Cohere/Infinity/TEI-style rerank requests on ``/rerank``,
 ``/v1/rerank`` and ``/v2/rerank``, builds mxbai-rerank-v2's own prompt for every query and
 document, sends the prompts to Infinity as batched ``/classify`` calls over one shared HTTP
 session, and answers with relevance scores in the shape each client parses.
@@ -38,6 +38,7 @@ else:
     from async_timeout import timeout as deadline_in  # aiohttp's own dependency before 3.11
 
 log = logging.getLogger("proxy-classifier")
+PROXY_VERSION = "1.0"  # reported by GET /info, where TEI reports its own version
 
 # --------------------------------------------------------------------------------------------
 # 1. What the model expects: mxbai-rerank-v2's prompt, as it was trained (mixedbread's
@@ -471,6 +472,35 @@ def parse_rerank(body: dict[str, Any], config: Config) -> RerankRequest:
     )
 
 
+TRUNCATION_DIRECTIONS = ("left", "right")  # TEI's; Haystack sends "Left"/"Right"
+
+
+def rerank_body_from_tei(body: dict[str, Any], config: Config) -> dict[str, Any]:
+    """Text-embeddings-inference's dialect ({"query", "texts"}) as a rerank body: the texts are the
+    documents and return_text is return_documents. TEI's own fields are checked here; the rest by
+    parse_rerank. truncate and truncation_direction have no effect: long texts are chunked as every
+    document is."""
+    if body.get("documents") is not None:
+        raise bad_request("give either 'texts' (TEI's rerank) or 'documents', not both", "texts")
+    texts = optional_field(body, "texts", "list")
+    if len(texts) > config.max_documents:
+        raise bad_request(f"too many texts: {len(texts)}, at most {config.max_documents} in one request; "
+                          "split them into several requests", "texts")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise bad_request(f"texts[{i}] must be a string, got {json_type(text)}", f"texts[{i}]")
+        if not (text.isascii() or is_utf8(text)):
+            raise unpaired_surrogate(f"texts[{i}]")
+    return_text = optional_field(body, "return_text", "boolean")
+    optional_field(body, "truncate", "boolean")
+    direction = optional_field(body, "truncation_direction", "string")
+    if direction is not None and direction.lower() not in TRUNCATION_DIRECTIONS:
+        raise bad_request(f"'truncation_direction' must be 'left' or 'right', got {direction!r}",
+                          "truncation_direction")
+    return {"query": body.get("query"), "documents": texts, "return_documents": return_text,
+            "raw_scores": body.get("raw_scores"), "model": body.get("model"), "instruction": body.get("instruction")}
+
+
 _WHITESPACE = re.compile(r"\s")
 
 
@@ -648,6 +678,34 @@ def cohere_v2_answer(request: RerankRequest, scores: list[float], tokens: int) -
     return {"id": f"rerank-{uuid.uuid4()}", "results": results, "model": request.model,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             "meta": answer_meta("2", len(request.documents), tokens)}
+
+
+def tei_answer(request: RerankRequest, scores: list[float], tokens: int) -> list[dict[str, Any]]:
+    """TEI's /rerank: a bare list of every text, best first (Dify cuts top_n in this order), with
+    "text" when return_text asked for it."""
+    if request.return_documents:
+        return [{"index": i, "score": scores[i], "text": request.documents[i]} for i in ranked(scores, None)]
+    return [{"index": i, "score": scores[i]} for i in ranked(scores, None)]
+
+
+# mxbai-rerank-v2-seq's labels as Infinity reports them, and its context in tokens.
+MODEL_LABELS = {"0": "0", "1": "1"}
+MODEL_MAX_INPUT_TOKENS = 8192
+
+
+def tei_info(config: Config) -> dict[str, Any]:
+    """TEI's GET /info for the served model: Dify's TEI provider adds a model only when model_type
+    says "reranker". TEI's fields that describe its own backend (dtype, token budgets, tokenizer
+    workers) have no counterpart here and are left out rather than made up."""
+    return {
+        "model_id": config.model, "model_sha": None,
+        "model_type": {"reranker": {"id2label": MODEL_LABELS,
+                                    "label2id": {label: int(i) for i, label in MODEL_LABELS.items()}}},
+        "max_input_length": MODEL_MAX_INPUT_TOKENS, "max_batch_requests": config.batch_size,
+        "max_client_batch_size": config.max_documents,
+        "auto_truncate": True,  # a long text is never refused: it is chunked
+        "version": PROXY_VERSION, "sha": None, "docker_label": None,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -903,13 +961,16 @@ def upstream_headers(request: web.Request) -> dict[str, str]:
     return headers
 
 
-AnswerShape = Callable[[RerankRequest, list[float], int], dict[str, Any]]
+AnswerShape = Callable[[RerankRequest, list[float], int], Any]  # a JSON object, or TEI's bare list
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-async def rerank(request: web.Request, shape: AnswerShape) -> web.Response:
+async def rerank(request: web.Request, shape: AnswerShape, speaks_tei: bool = False) -> web.Response:
     config = request.app[CONFIG]
-    rerank_request = parse_rerank(decode_body(await read_body(request)), config)
+    body = decode_body(await read_body(request))
+    if speaks_tei and body.get("texts") is not None:  # TEI's dialect shares /rerank and /v1/rerank
+        body, shape = rerank_body_from_tei(body, config), tei_answer
+    rerank_request = parse_rerank(body, config)
     stats = request[STATS]
     stats["documents"] = len(rerank_request.documents)
     plan = plan_prompts(rerank_request, config)
@@ -929,7 +990,8 @@ async def rerank(request: web.Request, shape: AnswerShape) -> web.Response:
 
 
 async def rerank_infinity_shape(request: web.Request) -> web.Response:
-    return await rerank(request, infinity_answer)
+    """/rerank and /v1/rerank: Infinity's shape, or TEI's for a body with texts."""
+    return await rerank(request, infinity_answer, speaks_tei=True)
 
 
 async def rerank_cohere_v2_shape(request: web.Request) -> web.Response:
@@ -977,6 +1039,10 @@ async def read_counted(request: web.Request, max_body_size: int) -> bytes:
         admission.take(stats, len(piece))
         pieces.append(piece)
     return b"".join(pieces)
+
+
+async def info(request: web.Request) -> web.Response:
+    return web.json_response(tei_info(request.app[CONFIG]))
 
 
 async def models(request: web.Request) -> web.Response:
@@ -1294,7 +1360,7 @@ def make_app(config: Config) -> web.Application:
     routes = [("/rerank", ("POST",), rerank_infinity_shape), ("/v1/rerank", ("POST",), rerank_infinity_shape),
               ("/v2/rerank", ("POST",), rerank_cohere_v2_shape), ("/health", get, health),
               ("/ready", get, ready), ("/metrics", get, prometheus_metrics), ("/models", get, models),
-              ("/v1/models", get, models)]
+              ("/v1/models", get, models), ("/info", get, info), ("/v1/info", get, info)]
     for path, methods, handler in routes:
         app.router.add_route("*", path, only(methods, handler), expect_handler=continue_if_admitted)
     prefix = config.infinity_prefix

@@ -7,7 +7,9 @@ set -euo pipefail
 usage() {
     echo "usage: ./setup.sh [--dev]"
     echo "  (no option)  .venv with the proxy's runtime requirements (aiohttp, prometheus_client)"
-    echo "  --dev        also the test and benchmark requirements, the end-to-end tier's included"
+    echo "  --dev        also the test and benchmark requirements, the end-to-end tier's included,"
+    echo "               .venv-gateway with the LiteLLM gateway, and .venv-clients with the RAG frameworks'"
+    echo "               reranker clients"
 }
 
 dev=0
@@ -47,6 +49,22 @@ if [ "$dev" = 1 ]; then
     # torch first and on its own, pinned: nothing else may pick a (multi-GB, CUDA) torch for us.
     "${pip[@]}" "$(grep -E '^torch==' requirements-e2e.txt)"
     "${pip[@]}" -r requirements-e2e.txt
+    # litellm[proxy] needs uvicorn>=0.33 and infinity-emb[server] needs uvicorn<0.33: the gateway gets its own venv.
+    echo "==> installing the LiteLLM gateway into .venv-gateway (requirements-gateway.txt: litellm[proxy])"
+    if [ ! -x .venv-gateway/bin/python ]; then
+        "$python" -m venv .venv-gateway
+    fi
+    .venv-gateway/bin/python -m pip install --disable-pip-version-check --quiet -r requirements-gateway.txt
+    # The RAG frameworks' reranker clients (Haystack, LlamaIndex, LangChain) get a venv of their own,
+    # because langchain-cohere 0.6.0 needs cohere<6 while the tests in .venv use the Cohere SDK 7.
+    # test_clients.py runs them with .venv-clients/bin/python. None of them pulls torch or a model:
+    # about 470 MB; 44 s to 4 minutes the first time (measured), seconds after that.
+    if [ ! -x .venv-clients/bin/python ]; then
+        echo "==> creating .venv-clients for the framework clients"
+        "$python" -m venv .venv-clients
+    fi
+    echo "==> installing the framework clients into .venv-clients (requirements-clients.txt)"
+    .venv-clients/bin/python -m pip install --disable-pip-version-check --quiet -r requirements-clients.txt
 fi
 
 echo "==> done. Run the proxy:  .venv/bin/python proxy-classifier.py --infinity-url http://localhost:7997/v1"

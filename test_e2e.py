@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from conftest import ROOT, free_port, listens_on, proxy, strict_environment
+from conftest import ROOT, free_port, listens_on, missing_tier, proxy
 
 pytestmark = pytest.mark.e2e
 
@@ -268,14 +268,14 @@ class Server:
 
 @pytest.fixture(scope="session", autouse=True)
 def e2e_world() -> Iterator[None]:
+    yield from offline_tier("the end-to-end tier", MISSING_PACKAGES, " (or pip install -r requirements-e2e.txt)")
+
+
+def offline_tier(tier: str, missing: list[str], alternative: str = "") -> Iterator[None]:
     """The tier's packages, or a skip that says how to install them (a failure where CI demands every
     tier); and the offline environment for this process while the tier runs."""
-    if MISSING_PACKAGES:
-        message = (f"the end-to-end tier needs {', '.join(MISSING_PACKAGES)}: run ./setup.sh --dev "
-                   "(or pip install -r requirements-e2e.txt)")
-        if strict_environment():
-            pytest.fail(f"{message}; PROXY_TESTS_REQUIRE_ALL=1 does not allow skipping it")
-        pytest.skip(message)
+    if missing:
+        missing_tier(f"{tier} needs {', '.join(missing)}: run ./setup.sh --dev{alternative}")
     with pytest.MonkeyPatch.context() as patch:
         for name, value in OFFLINE_ENV.items():
             patch.setenv(name, value)
@@ -370,6 +370,10 @@ def proxy_to_keyed_infinity(keyed_infinity: Server, served_model: str, logs: Pat
 
 @pytest.fixture(scope="session")
 def logit_margin(tiny_model: Path) -> Callable[[str], float]:
+    return model_logit_margin(tiny_model)
+
+
+def model_logit_margin(tiny_model: Path) -> Callable[[str], float]:
     """The model's own answer, run with transformers: prompt -> logit_1 - logit_0."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

@@ -494,6 +494,165 @@ async def test_unknown_fields_are_ignored(client: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# TEI-shaped requests ({"query", "texts"} on /rerank and /v1/rerank) and GET /info
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/rerank", "/v1/rerank"])
+async def test_tei_texts_get_a_bare_list_of_every_text_best_first_ties_lower_index_first(
+        client: Any, fake_infinity: Any, path: str) -> None:
+    scores_by_document(fake_infinity, {"a": 0.3, "b": 0.7, "c": 0.3, "d": 0.7, "e": 0.9})
+    status, answer = await rerank(client, {"query": "q", "texts": ["a", "b", "c", "d", "e"]}, path)
+    assert status == 200
+    assert answer == [{"index": 4, "score": 0.9}, {"index": 1, "score": 0.7}, {"index": 3, "score": 0.7},
+                      {"index": 0, "score": 0.3}, {"index": 2, "score": 0.3}]
+    assert fake_infinity.inputs == [proxy.prompt_for("q", t) for t in "abcde"]
+
+
+async def test_tei_return_text_adds_each_text_as_given(client: Any, fake_infinity: Any) -> None:
+    scores_by_document(fake_infinity, {" lo ": 0.2, "hi\n": 0.8})
+    status, answer = await rerank(client, {"query": "q", "texts": [" lo ", "hi\n"], "return_text": True})
+    assert status == 200
+    assert answer == [{"index": 1, "score": 0.8, "text": "hi\n"}, {"index": 0, "score": 0.2, "text": " lo "}]
+
+
+async def test_tei_raw_scores_are_log_odds(client: Any, fake_infinity: Any) -> None:
+    scores_by_document(fake_infinity, {"a": 0.8, "b": 0.1})
+    status, answer = await rerank(client, {"query": "q", "texts": ["a", "b"], "raw_scores": True})
+    assert status == 200
+    assert [r["index"] for r in answer] == [0, 1]
+    assert answer[0]["score"] == pytest.approx(math.log(4))
+    assert answer[1]["score"] == pytest.approx(math.log(0.1 / 0.9))
+
+
+@pytest.mark.parametrize(("truncate", "direction"), [(True, "Left"), (False, "Right"), (True, "left"), (None, "RIGHT"),
+                                                     (True, None)])
+async def test_tei_truncate_and_direction_in_any_case_are_accepted_and_long_texts_are_chunked(
+        make_proxy: Any, fake_infinity: Any, truncate: bool | None, direction: str | None) -> None:
+    client = await make_proxy(max_doc_chars=100)
+    long_text = " ".join(f"w{i:03d}" for i in range(50))  # 249 characters: three chunks, whatever the direction
+    body = {"query": "q", "texts": ["short", long_text], "truncate": truncate, "truncation_direction": direction}
+    status, answer = await rerank(client, body)
+    assert status == 200
+    assert fake_infinity.inputs == [proxy.prompt_for("q", chunk) for chunk in
+                                    ["short", *proxy.chunks_of(long_text, 100, 10)]]
+    assert len(fake_infinity.inputs) == 4
+    chunk_scores = [hashed_probability(p.strip()) for p in fake_infinity.inputs]
+    assert {r["index"]: r["score"] for r in answer} == {0: chunk_scores[0], 1: max(chunk_scores[1:])}
+
+
+async def test_tei_scores_equal_the_documents_scores_for_the_same_texts(client: Any) -> None:
+    _, tei = await rerank(client, {"query": QUERY, "texts": DOCUMENTS})
+    _, infinity = await rerank(client, {"query": QUERY, "documents": DOCUMENTS})
+    assert [(r["index"], r["score"]) for r in tei] == [(r["index"], r["relevance_score"]) for r in infinity["results"]]
+
+
+async def test_tei_has_no_top_n_and_ignores_other_fields(client: Any) -> None:
+    status, answer = await rerank(client, {"query": "q", "texts": ["a", "b", "c"], "top_n": 1, "rank_fields": 3,
+                                           "return_documents": "x", "priority": 1})
+    assert status == 200
+    assert sorted(r["index"] for r in answer) == [0, 1, 2]
+
+
+async def test_tei_model_and_instruction_are_used_as_for_documents(client: Any, fake_infinity: Any) -> None:
+    status, _ = await rerank(client, {"query": "q", "texts": ["a"], "model": "m", "instruction": "Find it"})
+    assert status == 200
+    assert fake_infinity.classify_bodies[0]["model"] == "m"
+    assert fake_infinity.inputs == [proxy.prompt_for("q", "a", "Find it")]
+
+
+async def test_tei_empty_texts_answer_an_empty_list_without_calling_infinity(client: Any, fake_infinity: Any) -> None:
+    status, answer = await rerank(client, {"query": "q", "texts": []}, "/rerank")
+    assert (status, answer) == (200, [])
+    assert fake_infinity.classify_bodies == []
+
+
+@pytest.mark.parametrize(("change", "param", "words"), [
+    ({"texts": "a"}, "texts", ["list"]),
+    ({"texts": [1]}, "texts[0]", ["string"]),
+    ({"texts": ["a", {"text": "b"}]}, "texts[1]", ["string", "object"]),
+    ({"texts": ["a", None]}, "texts[1]", ["string"]),
+    ({"documents": ["a"]}, "texts", ["documents", "not both"]),
+    ({"return_text": "yes"}, "return_text", ["boolean"]),
+    ({"truncate": "true"}, "truncate", ["boolean"]),
+    ({"truncate": 1}, "truncate", ["boolean"]),
+    ({"truncation_direction": "up"}, "truncation_direction", ["left", "right", "up"]),
+    ({"truncation_direction": 1}, "truncation_direction", ["string"]),
+    ({"raw_scores": "true"}, "raw_scores", ["boolean"]),
+    ({"query": None}, "query", ["required"]),
+    ({"query": " "}, "query", ["whitespace"]),
+    ({"model": 7}, "model", ["string"]),
+    ({"instruction": ["x"]}, "instruction", ["string"]),
+])
+async def test_tei_mistyped_or_missing_field_is_400_naming_it(
+        client: Any, fake_infinity: Any, change: dict[str, Any], param: str, words: list[str]) -> None:
+    body = {k: v for k, v in {"query": "q", "texts": ["a", "b"], **change}.items() if v is not None}
+    status, answer = await rerank(client, body, "/rerank")
+    assert_error(status, answer, 400, param.split("[")[0], *words, param=param)
+    assert fake_infinity.classify_bodies == []
+
+
+async def test_tei_every_field_is_checked_before_empty_texts_answer(client: Any) -> None:
+    status, answer = await rerank(client, {"query": "q", "texts": [], "truncation_direction": "middle"})
+    assert_error(status, answer, 400, "truncation_direction", param="truncation_direction")
+    status, answer = await rerank(client, {"query": 1, "texts": []})
+    assert_error(status, answer, 400, "query", param="query")
+
+
+async def test_tei_too_many_texts_is_400_naming_texts(make_proxy: Any, fake_infinity: Any) -> None:
+    client = await make_proxy(max_documents=3)
+    status, answer = await rerank(client, {"query": "q", "texts": ["a"] * 4})
+    assert_error(status, answer, 400, "too many texts", "4", "at most 3", param="texts")
+    assert fake_infinity.classify_bodies == []
+
+
+async def test_tei_lone_surrogate_is_400_naming_the_text(client: Any, fake_infinity: Any) -> None:
+    status, answer = await rerank(client, b'{"query": "q", "texts": ["ok", "bad \\ud800"]}')
+    assert_error(status, answer, 400, "surrogate", "texts[1]", param="texts[1]")
+    assert fake_infinity.classify_bodies == []
+
+
+async def test_texts_are_not_a_dialect_of_v2_rerank(client: Any, fake_infinity: Any) -> None:
+    status, answer = await rerank(client, {"query": "q", "texts": ["a"]}, "/v2/rerank")
+    assert_error(status, answer, 400, "documents", "required", param="documents")
+
+
+async def test_tei_request_log_line_counts_its_texts(client: Any, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="proxy-classifier"):
+        await rerank(client, {"query": "secret", "texts": ["secret a", "secret b", "secret a"]}, "/rerank")
+    line = next(r.getMessage() for r in caplog.records if r.name == "proxy-classifier")
+    assert "status=200 documents=3 chunks=2 upstream_calls=1" in line
+    assert "secret" not in caplog.text
+
+
+@pytest.mark.parametrize("path", ["/info", "/v1/info"])
+async def test_info_is_teis_info_for_a_reranker_served_locally(
+        make_proxy: Any, fake_infinity: Any, path: str) -> None:
+    client = await make_proxy(model="my/reranker", max_documents=500, batch_size=64)
+    response = await client.get(path)
+    assert response.status == 200
+    info = await response.json()
+    assert info["model_id"] == "my/reranker"
+    assert info["model_type"] == {"reranker": {"id2label": {"0": "0", "1": "1"}, "label2id": {"0": 0, "1": 1}}}
+    assert info["max_input_length"] == 8192
+    assert info["max_client_batch_size"] == 500
+    assert info["max_batch_requests"] == 64
+    assert info["auto_truncate"] is True
+    assert isinstance(info["version"], str) and info["version"]
+    assert info["model_sha"] is None and info["sha"] is None and info["docker_label"] is None
+    assert fake_infinity.forwarded == [] and fake_infinity.classify_bodies == []
+
+
+async def test_info_needs_the_key_like_every_route_but_the_probes(make_proxy: Any) -> None:
+    client = await make_proxy(api_key="secret")
+    for path in ("/info", "/v1/info"):
+        assert (await client.get(path)).status == 401
+        response = await client.get(path, headers={"Authorization": "Bearer secret"})
+        assert response.status == 200
+        assert list((await response.json())["model_type"]) == ["reranker"]
+
+
+# ---------------------------------------------------------------------------------------------
 # Upstream failures: each row of the contract's error table
 # ---------------------------------------------------------------------------------------------
 
@@ -869,7 +1028,7 @@ async def test_ready_is_200_when_infinity_answers_else_503(make_proxy: Any, fake
     assert_error(response.status, await response.json(), 503, "not ready")
 
 
-@pytest.mark.parametrize("path", ["/health", "/ready", "/models"])
+@pytest.mark.parametrize("path", ["/health", "/ready", "/models", "/info", "/v1/info"])
 async def test_local_routes_answer_other_methods_with_405(client: Any, fake_infinity: Any, path: str) -> None:
     response = await client.post(path, data=b"{}")
     assert_error(response.status, await response.json(), 405, "POST", "GET")
