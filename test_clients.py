@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -141,13 +142,21 @@ REQUEST_LINE = re.compile(r" (?P<method>GET|POST) (?P<path>\S+) status=(?P<statu
 
 @contextmanager
 def requests_seen(server: Server) -> Iterator[list[tuple[str, str, int, int]]]:
-    """The (method, path, status, documents) of every request the proxy logged while the block ran: it logs
-    a request's line before it answers, so a finished client's requests are all there."""
+    """The (method, path, status, documents) of every request the proxy logged while the block ran. The proxy
+    logs a request's line just after its answer is written, so a marker request sent after the block is
+    awaited in the log: the lines of every request before it are there by then."""
     log_path: Path = server.proc.log_path
     start = log_path.stat().st_size
     seen: list[tuple[str, str, int, int]] = []
     yield seen
-    text = log_path.read_bytes()[start:].decode("utf-8", "replace")
+    marker = f"request_id=seen-{time.monotonic_ns()} "
+    probe = urllib.request.Request(server.url + "/health", headers={"X-Request-ID": marker.split("=")[1].strip()})
+    urllib.request.urlopen(probe, timeout=30).read()
+    deadline = time.monotonic() + 30  # a generous bound: the line is normally there at once
+    while marker not in (text := log_path.read_bytes()[start:].decode("utf-8", "replace")):
+        assert time.monotonic() < deadline, "the proxy never logged the marker request"
+        time.sleep(0.02)
+    text = text[: text.index(marker)]
     seen.extend((m["method"], m["path"], int(m["status"]), int(m["documents"])) for m in REQUEST_LINE.finditer(text))
 
 
