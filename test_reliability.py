@@ -548,9 +548,14 @@ async def test_a_request_queued_behind_max_concurrency_gives_504_at_the_timeout(
 
 RERANK_PATHS = ["/rerank", "/v1/rerank", "/v2/rerank"]
 
-json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
-json_values = st.recursive(json_scalars, lambda children: st.lists(children, max_size=4)
-                           | st.dictionaries(st.text(max_size=8), children, max_size=4), max_leaves=12)
+def json_values_of(floats: st.SearchStrategy[float]) -> st.SearchStrategy[Any]:
+    scalars = st.none() | st.booleans() | st.integers() | floats | st.text(max_size=20)
+    return st.recursive(scalars, lambda children: st.lists(children, max_size=4)
+                        | st.dictionaries(st.text(max_size=8), children, max_size=4), max_leaves=12)
+
+
+json_values = json_values_of(st.floats())  # NaN and infinities included: json.dumps writes them, JSON has none
+valid_json_values = json_values_of(st.floats(allow_nan=False, allow_infinity=False))
 # Text as clients send it, lone surrogates ("\ud800", which JSON can carry) and NUL included.
 texts = st.text(st.characters(exclude_categories=()), max_size=30)
 
@@ -645,7 +650,7 @@ valid_bodies = st.fixed_dictionaries({
     "model": st.none() | valid_texts,
     "max_tokens_per_doc": st.none() | st.integers(1, 12),
     "max_chunks_per_doc": st.none() | st.integers(1, 3),
-    "extra": json_values,
+    "extra": valid_json_values,
 })
 
 
