@@ -130,9 +130,9 @@ def outcome(loads: Any, raw: bytes, strict: bool = True, seen_as: Any = None) ->
 
 
 def as_orjson_reads_integers(value: Any) -> Any:
-    """Infinity's answers are read without the exactness pass: an integer outside [-2**63, 2**64)
-    stays the float orjson makes of it (the answer is checked field by field, and its error messages
-    re-read it with the stdlib)."""
+    """Infinity's answers are read without the exactness pass: where orjson read the answer, an
+    integer outside [-2**63, 2**64) stays the float it made of it (the answer is checked field by
+    field, and its error messages re-read it with the stdlib)."""
     if isinstance(value, dict):
         return {key: as_orjson_reads_integers(item) for key, item in value.items()}
     if isinstance(value, list):
@@ -143,8 +143,12 @@ def as_orjson_reads_integers(value: Any) -> Any:
 
 
 def read_alike(raw: bytes, strict: bool) -> None:
-    expected = outcome(proxy.stdlib_json_loads, raw, strict, None if strict else as_orjson_reads_integers)
-    assert outcome(proxy.orjson_loads, raw, strict) == expected
+    read = outcome(proxy.orjson_loads, raw, strict)
+    if strict:
+        assert read == outcome(proxy.stdlib_json_loads, raw)
+    else:
+        assert read in (outcome(proxy.stdlib_json_loads, raw, strict),
+                        outcome(proxy.stdlib_json_loads, raw, strict, as_orjson_reads_integers))
 
 
 DIFFERENCES = {  # each one a place where orjson alone would read differently or refuse
@@ -213,7 +217,7 @@ def test_any_bytes_are_read_alike(with_orjson: None, raw: bytes) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing JSON: the same JSON values, and the same classify bodies byte for byte
+# Writing JSON: the same JSON values, and the same prompts in the classify bodies
 # ---------------------------------------------------------------------------------------------
 
 # What an answer can hold: what the strict reader returns (finite numbers, any text).
@@ -233,14 +237,15 @@ def test_any_answer_is_written_as_the_same_json_value(with_orjson: None, value: 
 
 @SETTINGS
 @given(text=any_text | st.text(max_size=200))
-def test_a_document_is_escaped_into_the_classify_body_byte_for_byte_alike(with_orjson: None, text: str) -> None:
-    def escaped(escape: Any) -> bytes | str:
+def test_a_document_reaches_the_classify_body_as_the_same_text(with_orjson: None, text: str) -> None:
+    def carried(escape: Any) -> str:
         try:
-            return escape(text)
+            return json.loads(b'"' + escape(text) + b'"')
         except UnicodeEncodeError:
             return "UnicodeEncodeError"  # an unpaired surrogate: the 400 that names the document
 
-    assert escaped(proxy.orjson_escaped_utf8) == escaped(proxy.stdlib_escaped_utf8)
+    assert carried(proxy.orjson_escaped_utf8) == carried(proxy.stdlib_escaped_utf8)
+    assert carried(proxy.orjson_escaped_utf8) in (text, "UnicodeEncodeError")
 
 
 # ---------------------------------------------------------------------------------------------
