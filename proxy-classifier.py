@@ -554,11 +554,18 @@ def chunks_of(text: str, max_chars: int, max_chunks: int) -> list[str]:
 class ClassifyPlan:
     prompt_head: str  # everything before the document, the same for every prompt of the request
     unique_texts: list[str]  # distinct document chunks: each is scored once
-    chunks_by_document: list[list[int]]  # indexes into unique_texts
+    # Indexes into unique_texts for each document; None when each document is one prompt of its own,
+    # in order (nothing chunked, nothing repeated): the common case needs no mapping.
+    chunks_by_document: list[list[int]] | None
 
 
 def plan_prompts(request: RerankRequest, config: Config) -> ClassifyPlan:
     """Every document's chunks, de-duplicated: identical prompts within a request are sent once."""
+    head = prompt_head(request.query, request.instruction)
+    texts = request.texts
+    if (request.max_chars_per_doc is None and max(map(len, texts), default=0) <= config.max_doc_chars
+            and len(set(texts)) == len(texts)):
+        return ClassifyPlan(head, texts, None)
     index_of: dict[str, int] = {}
     unique: list[str] = []
     by_document: list[list[int]] = []
@@ -573,7 +580,7 @@ def plan_prompts(request: RerankRequest, config: Config) -> ClassifyPlan:
                 unique.append(chunk)
             ids.append(at)
         by_document.append(ids)
-    return ClassifyPlan(prompt_head(request.query, request.instruction), unique, by_document)
+    return ClassifyPlan(head, unique, by_document)
 
 
 def classify_batches(plan: ClassifyPlan, batch_size: int) -> list[range]:
@@ -603,6 +610,8 @@ def classify_bodies(model: str, plan: ClassifyPlan, batch_size: int) -> list[tup
 def document_param(plan: ClassifyPlan, batch: range) -> str:
     """Which document holds the text that UTF-8 cannot carry (the error path only)."""
     bad = next(i for i in batch if not is_utf8(plan.unique_texts[i]))
+    if plan.chunks_by_document is None:
+        return f"documents[{bad}]"
     return f"documents[{next(d for d, ids in enumerate(plan.chunks_by_document) if bad in ids)}]"
 
 
@@ -627,6 +636,14 @@ def positive_probabilities(answer: Any, expected: int, positive_label: str) -> t
     data = answer["data"]
     if len(data) != expected:
         raise RerankError(502, f"Infinity answered {len(data)} classifications for {expected} inputs")
+    try:  # Infinity's own shape (two labels an item, float scores) in few passes; anything else item by item
+        scores = [first["score"] if first["label"] == positive_label else
+                  second["score"] if second["label"] == positive_label else None for first, second in data]
+    except (TypeError, KeyError, ValueError):
+        scores = []
+    if (len(scores) == expected and set(map(type, scores)) <= {float}
+            and not math.isnan(sum(scores)) and 0.0 <= min(scores, default=0.0) and max(scores, default=1.0) <= 1.0):
+        return scores, prompt_tokens(answer)
     scores = []
     for item in data:
         score = None
@@ -642,10 +659,14 @@ def positive_probabilities(answer: Any, expected: int, positive_label: str) -> t
         if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0.0 <= score <= 1.0:
             raise RerankError(502, f"Infinity answered a score that is not a probability: {score!r}")
         scores.append(float(score))
+    return scores, prompt_tokens(answer)
+
+
+def prompt_tokens(answer: dict[str, Any]) -> int:
     usage = answer.get("usage")
     tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else 0
     # A count beyond 64 bits is no count (and orjson would have read it as a float).
-    return scores, tokens if is_integer(tokens) and 0 <= tokens < 2**64 else 0
+    return tokens if is_integer(tokens) and 0 <= tokens < 2**64 else 0
 
 
 def log_odds(p: float) -> float:
@@ -656,8 +677,11 @@ def log_odds(p: float) -> float:
 
 def document_scores(plan: ClassifyPlan, prompt_scores: list[float], raw_scores: bool) -> list[float]:
     """A chunked document scores as its best chunk."""
-    best = [prompt_scores[ids[0]] if len(ids) == 1 else max(prompt_scores[i] for i in ids)
-            for ids in plan.chunks_by_document]
+    if plan.chunks_by_document is None:
+        best = prompt_scores
+    else:
+        best = [prompt_scores[ids[0]] if len(ids) == 1 else max(prompt_scores[i] for i in ids)
+                for ids in plan.chunks_by_document]
     return [log_odds(p) for p in best] if raw_scores else best
 
 

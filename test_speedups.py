@@ -340,3 +340,51 @@ async def test_infinity_answers_beyond_what_orjson_reads_are_handled_alike(
 
     fake_infinity.fault = odd_answer
     await both_ways(client, monkeypatch, b'{"query": "q", "documents": ["a"]}')
+
+
+# ---------------------------------------------------------------------------------------------
+# The hot path's shortcuts read exactly what the item-by-item reading reads
+# ---------------------------------------------------------------------------------------------
+
+
+def reference_probabilities(data: list[Any], positive: str) -> list[float] | None:
+    """The contract read slowly: each item's first label named `positive`, a number in [0, 1]."""
+    scores = []
+    for item in data:
+        found = [label.get("score") for label in item if isinstance(label, dict) and label.get("label") == positive] \
+            if isinstance(item, list) else []
+        score = found[0] if found else None
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0.0 <= score <= 1.0:
+            return None
+        scores.append(float(score))
+    return scores
+
+
+labels = st.fixed_dictionaries({"label": st.sampled_from(["1", "0", "2"]),
+                                "score": st.floats(-0.5, 1.5) | st.sampled_from([0, 1, True, None, "0.5", 0.5])})
+items = st.lists(labels | st.integers(), max_size=3) | st.just([{"label": "1", "score": 0.25}, {"label": "0"}])
+
+
+@SETTINGS
+@given(data=st.lists(items, max_size=6), floats=st.lists(st.floats(0, 1), max_size=6))
+def test_infinity_answers_are_read_as_item_by_item(data: list[Any], floats: list[float]) -> None:
+    # mostly Infinity's own shape (two labels, sorted by score), with odd items mixed in
+    data = [[{"label": "1", "score": p}, {"label": "0", "score": 1 - p}][:: 1 if p > 0.5 else -1]
+            for p in floats] + data
+    expected = reference_probabilities(data, "1")
+    try:
+        scores, _ = proxy.positive_probabilities({"data": data}, len(data), "1")
+    except proxy.RerankError as exc:
+        assert expected is None and exc.status == 502
+    else:
+        assert repr(scores) == repr(expected)
+
+
+@pytest.mark.parametrize("texts", [["a", "b", "a"], ["a", "b " * 5000, "c"], ["a", "b", "c"], []])
+def test_a_plan_without_chunks_or_repeats_maps_each_document_to_its_own_prompt(texts: list[str]) -> None:
+    request = proxy.parse_rerank({"query": "q", "documents": texts}, proxy.Config(max_doc_chars=1000))
+    plan = proxy.plan_prompts(request, proxy.Config(max_doc_chars=1000))
+    by_document = plan.chunks_by_document or [[i] for i in range(len(texts))]
+    assert [[plan.unique_texts[i] for i in ids] for ids in by_document] == [
+        proxy.chunks_of(text, 1000, 10) for text in texts]
+    assert len(set(plan.unique_texts)) == len(plan.unique_texts)
