@@ -388,3 +388,15 @@ def test_a_plan_without_chunks_or_repeats_maps_each_document_to_its_own_prompt(t
     assert [[plan.unique_texts[i] for i in ids] for ids in by_document] == [
         proxy.chunks_of(text, 1000, 10) for text in texts]
     assert len(set(plan.unique_texts)) == len(plan.unique_texts)
+
+
+def test_the_speedups_are_named_with_version_ranges_and_installed_by_setup_and_the_image() -> None:
+    requirements = [line.split(";")[0].strip() for line in (ROOT / "requirements-speedups.txt").read_text().splitlines()
+                    if line.strip() and not line.startswith("#")]
+    assert [line.split(">=")[0] for line in requirements] == ["orjson", "uvloop"]
+    assert all(">=" in line and ",<" in line for line in requirements), requirements
+    assert "-r requirements-speedups.txt" in (ROOT / "setup.sh").read_text()
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "requirements-speedups.txt" in dockerfile.split("COPY proxy-classifier.py")[0]
+    runtime = (ROOT / "requirements.txt").read_text()
+    assert "orjson" not in runtime and "uvloop" not in runtime  # optional: the proxy runs without them
