@@ -341,7 +341,7 @@ class Servers:
         name = "proxy" + "".join(flags).replace("--", "-") + ("" if speedups else "-stdlib")
         return self.spawn(name, [sys.executable, str(self.proxy_script), "--host", "127.0.0.1", "--port", str(port),
                                  "--infinity-url", infinity_url, *flags], port,
-                          env=None if speedups else {"PROXY_NO_SPEEDUPS": "1"})
+                          env={"PROXY_NO_SPEEDUPS": "" if speedups else "1"})  # whatever the shell says
 
     def relay(self, upstream: Server, loop: str = "asyncio") -> Server:
         port = free_port()
