@@ -11,8 +11,8 @@ RUN useradd --create-home --uid 10001 reranker
 WORKDIR /app
 
 # Requirements first, in their own layer: a change to the code does not reinstall them.
-COPY requirements.txt ./
-RUN pip install -r requirements.txt
+COPY requirements.txt requirements-speedups.txt ./
+RUN pip install -r requirements.txt -r requirements-speedups.txt
 
 COPY proxy-classifier.py ./
 

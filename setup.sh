@@ -6,7 +6,8 @@ set -euo pipefail
 
 usage() {
     echo "usage: ./setup.sh [--dev]"
-    echo "  (no option)  .venv with the proxy's runtime requirements (aiohttp, prometheus_client)"
+    echo "  (no option)  .venv with the proxy's runtime requirements (aiohttp, prometheus_client) and its"
+    echo "               optional speedups (orjson, uvloop; PROXY_NO_SPEEDUPS=1 turns them off at run time)"
     echo "  --dev        also the test and benchmark requirements, the end-to-end tier's included,"
     echo "               .venv-gateway with the LiteLLM gateway, and .venv-clients with the RAG frameworks'"
     echo "               reranker clients"
@@ -41,6 +42,10 @@ pip=(.venv/bin/python -m pip install --disable-pip-version-check --quiet)
 
 echo "==> installing runtime requirements (requirements.txt)"
 "${pip[@]}" -r requirements.txt
+# Optional: the proxy runs without them, faster with them. Always installed, so that the tests cover
+# both ways (the suite runs once more with PROXY_NO_SPEEDUPS=1).
+echo "==> installing the optional speedups (requirements-speedups.txt: orjson, uvloop)"
+"${pip[@]}" -r requirements-speedups.txt
 
 if [ "$dev" = 1 ]; then
     echo "==> installing test and benchmark requirements (requirements-dev.txt)"

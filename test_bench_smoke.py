@@ -24,7 +24,7 @@ from conftest import ROOT, strict_environment
 pytestmark = pytest.mark.slow
 
 BASELINE_PACKAGES = ("fastapi", "uvicorn", "requests")  # bench/naive_baseline.py
-MEASURED_SECTIONS = ("footprint", "latency", "throughput", "naive", "scale")
+MEASURED_SECTIONS = ("footprint", "latency", "throughput", "naive", "scale", "speedups")
 SMOKE_SECONDS = 120  # it takes about 20 s; a busy CI runner gets room
 
 

@@ -7,12 +7,16 @@ and no log line. Whatever this costs on a machine, any aiohttp proxy costs at le
 bench/bench.py measures it beside the proxy so that "added latency" splits into the hop and the
 proxy's own work.
 
-    python bench/bare_relay.py --port 8004 --infinity-url http://127.0.0.1:7997/v1
+    python bench/bare_relay.py --port 8004 --infinity-url http://127.0.0.1:7997/v1 [--loop uvloop]
+
+`--loop uvloop` runs it on uvloop, the loop the proxy uses when its speedups are installed: the
+floor under the proxy on that loop.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 from collections.abc import AsyncIterator
 
 from aiohttp import ClientSession, TCPConnector, web
@@ -49,8 +53,15 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--infinity-url", required=True)
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio", help="the event loop to run on")
     args = parser.parse_args()
-    web.run_app(make_app(args.infinity_url), host=args.host, port=args.port, access_log=None, print=None)
+    if args.loop == "uvloop":
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    web.run_app(make_app(args.infinity_url), host=args.host, port=args.port, access_log=None, print=None, loop=loop)
 
 
 if __name__ == "__main__":

@@ -101,6 +101,9 @@ class Plan:
     max_concurrencies: tuple[int, ...] = (8, 16, 32, 64, 128, 256)
     concurrency_clients: int = 128  # many clients, slow upstream: where --max-concurrency binds
     concurrency_upstream_ms: float = 100.0
+    # 7. speedups: the proxy with and without orjson and uvloop, beside the bare relay on either loop
+    speedups_latency_requests: dict[int, int] = field(default_factory=lambda: {50: 300, 100: 200, 1000: 60})
+    speedups_clients: int = 32
     # 6. footprint
     startups: int = 5
     # documents
@@ -113,9 +116,10 @@ SMOKE = Plan(  # every section and code path once, in about 20 seconds; the figu
     throughput_clients=(1, 4), naive_clients=(4,), relay_clients=(4,), window_seconds=0.3, warmup_seconds=0.1,
     infinity=False, big_documents=300, big_requests=1, batch_sizes=(64, 256), max_concurrencies=(2, 64),
     concurrency_clients=4, sweep_clients=4, startups=1, document_chars=100,
+    speedups_latency_requests={5: 5}, speedups_clients=4,
 )
 
-SECTIONS = ("footprint", "latency", "throughput", "scale", "infinity")  # "naive" rides on "throughput"
+SECTIONS = ("footprint", "latency", "throughput", "scale", "infinity", "speedups")  # "naive" rides on "throughput"
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,7 +205,7 @@ class Server:
     """A server subprocess and what the harness reads of it: readiness, CPU time, memory."""
 
     def __init__(self, name: str, command: list[str], port: int, logs: Path,
-                 process: subprocess.Popen | None = None) -> None:
+                 process: subprocess.Popen | None = None, env: dict[str, str] | None = None) -> None:
         self.name = name
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
@@ -210,7 +214,7 @@ class Server:
         if process is None:
             with open(self.log_path, "wb") as log:
                 process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                           env=server_env(), start_new_session=True)
+                                           env={**server_env(), **(env or {})}, start_new_session=True)
         self.process = process
         self.ps = psutil.Process(process.pid)
 
@@ -237,9 +241,17 @@ class Server:
             return f"(no log: {exc})"
 
     def cpu_seconds(self) -> float:
-        """User plus system CPU time of the server and its children (Infinity has workers)."""
+        """CPU time of the server and its children (Infinity has workers): on Linux, the scheduler's
+        nanosecond count over all threads (/proc/PID/task/*/schedstat), since the user and system
+        times come in 10 ms ticks, too coarse for the CPU of one request; elsewhere those times."""
         total = 0.0
         for process in [self.ps, *self.ps.children(recursive=True)]:
+            try:
+                total += sum(int(stat.read_text().split()[0]) for stat in
+                             Path(f"/proc/{process.pid}/task").glob("*/schedstat")) / 1e9
+                continue
+            except (OSError, ValueError, IndexError):
+                pass
             with contextlib.suppress(psutil.Error):
                 times = process.cpu_times()
                 total += times.user + times.system
@@ -310,8 +322,8 @@ class Servers:
         self.stack = stack
         self.started: list[Server] = []
 
-    def spawn(self, name: str, command: list[str], port: int) -> Server:
-        server = Server(f"{len(self.started) + 1:02d}-{name}", command, port, self.logs)
+    def spawn(self, name: str, command: list[str], port: int, env: dict[str, str] | None = None) -> Server:
+        server = Server(f"{len(self.started) + 1:02d}-{name}", command, port, self.logs, env=env)
         self.stack.callback(server.stop)
         self.started.append(server)
         return server
@@ -321,18 +333,20 @@ class Servers:
         return self.spawn(f"fake-{delay_ms:g}ms", [sys.executable, str(BENCH / "fake_infinity.py"), "--port", str(port),
                                                   "--delay-ms", str(delay_ms), "--per-input-ms", str(per_input_ms)], port)
 
-    def proxy(self, upstream: Server | str, *flags: str) -> Server:
-        """As a user starts it: python proxy-classifier.py --host --port --infinity-url [flags]."""
+    def proxy(self, upstream: Server | str, *flags: str, speedups: bool = True) -> Server:
+        """As a user starts it: python proxy-classifier.py --host --port --infinity-url [flags]; with its
+        optional speedups when installed, or without them (PROXY_NO_SPEEDUPS=1)."""
         port = free_port()
         infinity_url = upstream if isinstance(upstream, str) else upstream.url + "/v1"
-        name = "proxy" + "".join(flags).replace("--", "-")
+        name = "proxy" + "".join(flags).replace("--", "-") + ("" if speedups else "-stdlib")
         return self.spawn(name, [sys.executable, str(self.proxy_script), "--host", "127.0.0.1", "--port", str(port),
-                                 "--infinity-url", infinity_url, *flags], port)
+                                 "--infinity-url", infinity_url, *flags], port,
+                          env={"PROXY_NO_SPEEDUPS": "" if speedups else "1"})  # whatever the shell says
 
-    def relay(self, upstream: Server) -> Server:
+    def relay(self, upstream: Server, loop: str = "asyncio") -> Server:
         port = free_port()
-        return self.spawn("bare-relay", [sys.executable, str(BENCH / "bare_relay.py"), "--port", str(port),
-                                         "--infinity-url", upstream.url + "/v1"], port)
+        return self.spawn(f"bare-relay-{loop}", [sys.executable, str(BENCH / "bare_relay.py"), "--port", str(port),
+                                                 "--infinity-url", upstream.url + "/v1", "--loop", loop], port)
 
     def naive(self, upstream: Server) -> Server:
         port = free_port()
@@ -383,6 +397,11 @@ def relay_target(server: Server) -> Target:
 
 def naive_target(server: Server) -> Target:
     return Target("naive", server, "/rerank", direct=False)
+
+
+# Section 7's paths: each proxy beside the relay on the same event loop, so that the difference between
+# the two is the proxy's own work.
+SPEEDUP_PAIRS = {"speedups": ("proxy", "relay-uvloop"), "stdlib": ("proxy-stdlib", "relay-asyncio")}
 
 
 async def checked_call(session: aiohttp.ClientSession, target: Target, load: Workload) -> None:
@@ -490,6 +509,21 @@ async def sequential(session: aiohttp.ClientSession, target: Target, load: Workl
     return latencies
 
 
+async def sequential_rounds(session: aiohttp.ClientSession, plan: Plan, targets: list[Target], load: Workload,
+                            requests: int) -> dict[str, list[tuple[list[float], float]]]:
+    """Each target's latencies and its server's CPU seconds per request, for each round. Within a
+    round the targets take turns, in an order that rotates, each after a warm-up."""
+    runs: dict[str, list[tuple[list[float], float]]] = {target.name: [] for target in targets}
+    for round_ in range(plan.rounds):
+        for target in rotated(targets, round_):
+            await checked_call(session, target, load)
+            await sequential(session, target, load, plan.latency_warmup_requests)
+            cpu_before = target.server.cpu_seconds()
+            latencies = await sequential(session, target, load, requests)
+            runs[target.name].append((latencies, (target.server.cpu_seconds() - cpu_before) / requests))
+    return runs
+
+
 # --------------------------------------------------------------------------------------------
 # Figures: medians with min and max over rounds.
 # --------------------------------------------------------------------------------------------
@@ -562,19 +596,10 @@ async def measure_latency(plan: Plan, servers: Servers) -> dict[str, Any]:
     async with aiohttp.ClientSession() as session:
         for count, requests in plan.latency_requests.items():
             load = workload(count, plan.document_chars)
-            p50: dict[str, list[float]] = {target.name: [] for target in targets}
-            p99: dict[str, list[float]] = {target.name: [] for target in targets}
-            cpu_per_request: dict[str, list[float]] = {"proxy": [], "relay": []}
-            for round_ in range(plan.rounds):
-                for target in rotated(targets, round_):
-                    await checked_call(session, target, load)
-                    await sequential(session, target, load, plan.latency_warmup_requests)
-                    cpu_before = target.server.cpu_seconds()
-                    latencies = await sequential(session, target, load, requests)
-                    if target.name in cpu_per_request:
-                        cpu_per_request[target.name].append((target.server.cpu_seconds() - cpu_before) / requests)
-                    p50[target.name].append(ms(percentile(latencies, 0.5)))
-                    p99[target.name].append(ms(percentile(latencies, 0.99)))
+            runs = await sequential_rounds(session, plan, targets, load, requests)
+            p50 = {name: [ms(percentile(latencies, 0.5)) for latencies, _ in got] for name, got in runs.items()}
+            p99 = {name: [ms(percentile(latencies, 0.99)) for latencies, _ in got] for name, got in runs.items()}
+            cpu_per_request = {name: [cpu for _, cpu in runs[name]] for name in ("proxy", "relay")}
 
             def added(figures: dict[str, list[float]], path: str, base: str = "direct") -> dict[str, float]:
                 return spread(b - a for a, b in zip(figures[base], figures[path], strict=True))
@@ -741,6 +766,81 @@ async def measure_scale(plan: Plan, servers: Servers) -> dict[str, Any]:
     }
 
 
+async def measure_speedups(plan: Plan, servers: Servers) -> dict[str, Any]:
+    """7. The proxy with its optional speedups (orjson, uvloop) and without (PROXY_NO_SPEEDUPS=1), each
+    beside the bare relay on the same event loop, all in one run: latency and CPU per request with
+    one client against a fake that answers at once, then throughput with many clients at each
+    upstream time. Every path is measured in every round, in an order that rotates."""
+    fake = servers.fake()
+    proxies = {"proxy": servers.proxy(fake), "proxy-stdlib": servers.proxy(fake, speedups=False)}
+    relays = {"relay-uvloop": servers.relay(fake, "uvloop"), "relay-asyncio": servers.relay(fake, "asyncio")}
+    await servers.ready(fake, *proxies.values(), *relays.values())
+    targets = [direct_target(fake), *(Target(name, server, "/rerank", direct=False) for name, server in proxies.items()),
+               *(Target(name, server, "/v1/classify", direct=True) for name, server in relays.items())]
+    names = [target.name for target in targets]
+
+    def paired(figures: dict[str, list[float]], pair: tuple[str, str], ratio: bool = False) -> dict[str, float]:
+        ours, floor = pair
+        return spread(a / b if ratio else a - b for a, b in zip(figures[ours], figures[floor], strict=True))
+
+    latency_rows = []
+    async with aiohttp.ClientSession() as session:
+        for count, requests in plan.speedups_latency_requests.items():
+            load = workload(count, plan.document_chars)
+            runs = await sequential_rounds(session, plan, targets, load, requests)
+            p50 = {name: [ms(percentile(latencies, 0.5)) for latencies, _ in got] for name, got in runs.items()}
+            cpu = {name: [ms(cpu) for _, cpu in got] for name, got in runs.items()}
+            latency_rows.append({
+                "documents": count, "requests_per_round": requests,
+                "p50_ms": {name: spread(p50[name]) for name in names},
+                "cpu_ms_per_request": {name: spread(cpu[name]) for name in names if name != "direct"},
+                "own_p50_ms": {mode: paired(p50, pair) for mode, pair in SPEEDUP_PAIRS.items()},
+                "cpu_over_relay": {mode: paired(cpu, pair, ratio=True) for mode, pair in SPEEDUP_PAIRS.items()},
+                # the stdlib proxy against the relay on uvloop, and the speedups' gain on their own
+                "stdlib_own_p50_ms_over_uvloop_relay": paired(p50, ("proxy-stdlib", "relay-uvloop")),
+                "speedups_saved_p50_ms": paired(p50, ("proxy-stdlib", "proxy")),
+            })
+            own = latency_rows[-1]["own_p50_ms"]
+            print(f"    {count} documents: own p50 {own['speedups']['median']:.2f} ms with speedups, "
+                  f"{own['stdlib']['median']:.2f} ms without", file=sys.stderr)
+    for server in (fake, *proxies.values(), *relays.values()):
+        server.stop()
+
+    load = workload(plan.throughput_documents, plan.document_chars)
+    throughput_rows = []
+    for delay in plan.upstream_ms:
+        slow = servers.fake(delay)
+        proxies = {"proxy": servers.proxy(slow), "proxy-stdlib": servers.proxy(slow, speedups=False)}
+        relays = {"relay-uvloop": servers.relay(slow, "uvloop"), "relay-asyncio": servers.relay(slow, "asyncio")}
+        await servers.ready(slow, *proxies.values(), *relays.values())
+        watched = [*proxies.values(), *relays.values()]
+        targets = [direct_target(slow), *(Target(n, s, "/rerank", direct=False) for n, s in proxies.items()),
+                   *(Target(n, s, "/v1/classify", direct=True) for n, s in relays.items())]
+        rps: dict[str, list[float]] = {name: [] for name in names}
+        cores: dict[str, list[float]] = {name: [] for name in names if name != "direct"}
+        for round_ in range(plan.rounds):
+            for target in rotated(targets, round_):
+                result, shares = await closed_loop(target, load, plan.speedups_clients, plan.window_seconds,
+                                                   plan.warmup_seconds, watched)
+                rps[target.name].append(result.rps)
+                if target.name != "direct":
+                    cores[target.name].append(shares[target.server.name])
+        over_direct = {name: [r / d for r, d in zip(rps[name], rps["direct"], strict=True)] for name in names}
+        throughput_rows.append({
+            "upstream_ms": delay, "clients": plan.speedups_clients,
+            "rps": {name: spread(rps[name]) for name in names},
+            "over_direct": {name: spread(over_direct[name]) for name in names if name != "direct"},
+            "cpu_cores": {name: spread(cores[name]) for name in cores},
+            # how far the proxy stays behind the relay on the same loop, as a share of direct
+            "gap_to_relay": {mode: spread(b - a for a, b in zip(over_direct[ours], over_direct[floor], strict=True))
+                             for mode, (ours, floor) in SPEEDUP_PAIRS.items()},
+        })
+        for server in (slow, *watched):
+            server.stop()
+    return {"documents_per_request": plan.throughput_documents, "pairs": SPEEDUP_PAIRS,
+            "latency_rows": latency_rows, "throughput_rows": throughput_rows}
+
+
 def import_e2e() -> Any:
     """test_e2e.py, which builds the tiny model and starts a real Infinity (it imports conftest)."""
     sys.path.insert(0, str(ROOT))
@@ -815,6 +915,21 @@ def targets_met(results: dict[str, Any]) -> list[dict[str, Any]]:
         if row["clients"] == 32:
             check(f"ours/naive throughput, 32 clients, {row['upstream_ms']:g} ms upstream",
                   row["proxy_over_naive"]["median"], 20.0, at_least=True)
+    limits = {"speedups": {100: 0.5, 1000: 3.0}, "stdlib": {100: 0.8, 1000: 5.0}}
+    for row in results.get("speedups", {}).get("latency_rows", []):
+        for mode, by_documents in limits.items():
+            if row["documents"] in by_documents:
+                check(f"own added p50 above the bare relay, {mode}, {row['documents']} documents (ms)",
+                      row["own_p50_ms"][mode]["median"], by_documents[row["documents"]])
+        if row["documents"] == 50:
+            for mode in limits:
+                check(f"CPU per request over the bare relay's, {mode}, 50 documents",
+                      row["cpu_over_relay"][mode]["median"], 1.5 + 1e-9)
+    for row in results.get("speedups", {}).get("throughput_rows", []):
+        if row["upstream_ms"] == 20:
+            for mode in limits:
+                check(f"bare-relay/direct minus proxy/direct, {mode}, {row['clients']} clients, 20 ms upstream",
+                      row["gap_to_relay"][mode]["median"], 0.1 + 1e-9)
     scale = results.get("scale", {})
     if scale:
         check(f"peak RSS, {scale['documents']:,} documents in one request (MB)",
@@ -911,12 +1026,42 @@ def report(results: dict[str, Any]) -> str:
             rows.append([f"peak RSS under the load of section 2, up to {max(map(int, by_clients))} clients (MB)",
                          fmt(max(by_clients.values()), 1)])
         out.append(markdown_table(["", ""], rows))
+    if "speedups" in results:
+        out.append(speedups_report(results["speedups"]))
     if results.get("targets"):
         out.append("\n**Targets**\n")
         out.append(markdown_table(
             ["target", "limit", "measured", "met"],
             [[t["target"], f"{t['limit']:g}", f"{t['value']:.2f}", "yes" if t["met"] else "NO"]
              for t in results["targets"]]))
+    return "\n".join(out)
+
+
+def speedups_report(section: dict[str, Any]) -> str:
+    pairs = " and ".join(f"`{ours}` beside `{floor}`" for ours, floor in section["pairs"].values())
+    out = [f"\n**7. With and without the speedups** (`proxy` runs with orjson and uvloop, `proxy-stdlib` with "
+           f"PROXY_NO_SPEEDUPS=1; the bare relay on either loop; own = {pairs}). Latency: one client, sequential, "
+           "fake Infinity answers at once\n"]
+    out.append(markdown_table(
+        ["documents", "direct p50", "proxy p50", "relay-uvloop p50", "own, speedups", "proxy-stdlib p50",
+         "relay-asyncio p50", "own, stdlib", "CPU/request proxy : relay-uvloop", "CPU/request stdlib : relay-asyncio"],
+        [[str(r["documents"]), fmt(r["p50_ms"]["direct"], 2), fmt(r["p50_ms"]["proxy"], 2),
+          fmt(r["p50_ms"]["relay-uvloop"], 2), fmt(r["own_p50_ms"]["speedups"], 2),
+          fmt(r["p50_ms"]["proxy-stdlib"], 2), fmt(r["p50_ms"]["relay-asyncio"], 2), fmt(r["own_p50_ms"]["stdlib"], 2),
+          f"{fmt(r['cpu_ms_per_request']['proxy'], 2)} : {fmt(r['cpu_ms_per_request']['relay-uvloop'], 2)} = "
+          f"{fmt(r['cpu_over_relay']['speedups'], 2)}",
+          f"{fmt(r['cpu_ms_per_request']['proxy-stdlib'], 2)} : {fmt(r['cpu_ms_per_request']['relay-asyncio'], 2)} = "
+          f"{fmt(r['cpu_over_relay']['stdlib'], 2)}"] for r in section["latency_rows"]]))
+    out.append(f"\nThroughput ({section['documents_per_request']} documents a request; x/direct, and the proxy's gap "
+               "to the relay on its loop)\n")
+    out.append(markdown_table(
+        ["upstream ms", "clients", "direct rps", "proxy/direct", "relay-uvloop/direct", "gap", "proxy-stdlib/direct",
+         "relay-asyncio/direct", "gap", "proxy CPU", "proxy-stdlib CPU"],
+        [[f"{r['upstream_ms']:g}", str(r["clients"]), fmt(r["rps"]["direct"], 0), fmt(r["over_direct"]["proxy"], 2),
+          fmt(r["over_direct"]["relay-uvloop"], 2), fmt(r["gap_to_relay"]["speedups"], 2),
+          fmt(r["over_direct"]["proxy-stdlib"], 2), fmt(r["over_direct"]["relay-asyncio"], 2),
+          fmt(r["gap_to_relay"]["stdlib"], 2), fmt(r["cpu_cores"]["proxy"], 2), fmt(r["cpu_cores"]["proxy-stdlib"], 2)]
+         for r in section["throughput_rows"]]))
     return "\n".join(out)
 
 
@@ -965,6 +1110,9 @@ async def run(plan: Plan, sections: list[str], logs: Path, work: Path, proxy_scr
                         results["infinity"] = await measure_infinity(plan, servers, work)
                 else:
                     results["infinity"] = {"skipped": "--no-infinity or --smoke"}
+            if "speedups" in sections:
+                with timed("7. speedups: with and without orjson and uvloop, beside the bare relay"):
+                    results["speedups"] = await measure_speedups(plan, servers)
             if load_rss is not None and "footprint" in results:
                 results["footprint"]["load_rss"] = load_rss
         # what ran, so that a test can check that every server is gone
