@@ -93,9 +93,11 @@ def prompt_for(query: str, document: str, instruction: str = "") -> str:
 # The proxy's CPU goes mostly into JSON, and the template dwarfs a typical document. So the
 # classify body is written by hand: the fixed tail is JSON-escaped once here, the head once per
 # request, and only the document once per prompt.
-_escape_json = json.JSONEncoder(ensure_ascii=False).encode  # str -> '"escaped"', C-accelerated
+_escape_json = json.encoder.encode_basestring  # str -> '"escaped"', C-accelerated
 _escape_ascii_json = json.encoder.encode_basestring_ascii  # the same for ASCII text, 2 to 3 times faster
-compact_json = json.JSONEncoder(separators=(",", ":")).encode
+# No cycle check: every value it writes is a tree (parsed JSON, or built here), and skipping the check
+# saves a seventh of writing an answer.
+compact_json = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 ESCAPED_PROMPT_TAIL = _escape_json(PROMPT_TAIL)[1:-1]
 PROMPT_OVERHEAD_CHARS = len(prompt_for("", "", "x")) - 1  # with an instruction line
 CLOSING_PROMPT_TAIL = (ESCAPED_PROMPT_TAIL + '"').encode()
@@ -118,7 +120,22 @@ def orjson_escaped_utf8(text: str) -> bytes:
         return stdlib_escaped_utf8(text)
 
 
+def stdlib_escaped_utf8_each(texts: list[str]) -> list[bytes]:
+    """stdlib_escaped_utf8 of each text, written out in one comprehension (no call per text)."""
+    return [(_escape_ascii_json if text.isascii() else _escape_json)(text)[1:-1].encode("utf-8") for text in texts]
+
+
+def orjson_escaped_utf8_each(texts: list[str]) -> list[bytes]:
+    """Each text escaped, with orjson called straight from one comprehension (a third faster than a
+    function call per text); on an unpaired surrogate, text by text to raise the error that names it."""
+    try:
+        return [orjson.dumps(text)[1:-1] for text in texts]
+    except orjson.JSONEncodeError:
+        return [orjson_escaped_utf8(text) for text in texts]
+
+
 escaped_utf8 = stdlib_escaped_utf8 if orjson is None else orjson_escaped_utf8
+escaped_utf8_each = stdlib_escaped_utf8_each if orjson is None else orjson_escaped_utf8_each
 
 
 # Infinity refuses an input over 122,880 characters (422) and 2048 inputs in one call.
@@ -391,10 +408,17 @@ def finite_float(text: str) -> float:
     return value
 
 
+# Built once: json.loads with hooks builds a decoder and its scanner on every call.
+_strict_json_decoder = json.JSONDecoder(parse_constant=refuse_non_finite, parse_float=finite_float)
+
+
 def stdlib_json_loads(raw: bytes, strict: bool = True) -> Any:
     """JSON as the standard library reads it. Strict (a client's body): NaN, Infinity and numbers
     beyond a float (1e999) are refused, since an answer could not echo them as JSON."""
-    return json.loads(raw, parse_constant=refuse_non_finite, parse_float=finite_float) if strict else json.loads(raw)
+    if not strict:
+        return json.loads(raw)
+    # As json.loads reads bytes (UTF-8, -16 or -32, by the first bytes), then the prebuilt decoder.
+    return _strict_json_decoder.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
 
 
 def orjson_loads(raw: bytes, strict: bool = True) -> Any:
@@ -538,7 +562,10 @@ def parse_rerank(body: dict[str, Any], config: Config) -> RerankRequest:
     for name, value in (("query", query), ("model", model), ("instruction", instruction)):
         if value is not None and not (value.isascii() or is_utf8(value)):
             raise unpaired_surrogate(name)
-    texts = [text_of(document, i, rank_fields) for i, document in enumerate(documents)]
+    if set(map(type, documents)) <= {str}:  # the common case, checked in one pass
+        texts = documents
+    else:
+        texts = [text_of(document, i, rank_fields) for i, document in enumerate(documents)]
     return RerankRequest(
         query=query[: config.max_query_chars],
         documents=documents,
@@ -658,7 +685,7 @@ def classify_bodies(model: str, plan: ClassifyPlan, batch_size: int) -> list[tup
     calls = []
     for batch in classify_batches(plan, batch_size):
         try:
-            documents = separator.join([escaped_utf8(texts[i]) for i in batch])
+            documents = separator.join(escaped_utf8_each(texts[batch.start:batch.stop]))
         except UnicodeEncodeError:
             raise unpaired_surrogate(document_param(plan, batch)) from None
         calls.append((opening + documents + CLOSING_PROMPT_TAIL + b"]}", len(batch)))

@@ -46,17 +46,17 @@ def with_orjson(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 IMPLEMENTATIONS = {
-    "stdlib": (proxy.stdlib_json_loads, proxy.stdlib_json_dumps, proxy.stdlib_escaped_utf8),
-    "orjson": (proxy.orjson_loads, proxy.orjson_dumps, proxy.orjson_escaped_utf8),
+    "stdlib": (proxy.stdlib_json_loads, proxy.stdlib_json_dumps, proxy.stdlib_escaped_utf8,
+               proxy.stdlib_escaped_utf8_each),
+    "orjson": (proxy.orjson_loads, proxy.orjson_dumps, proxy.orjson_escaped_utf8, proxy.orjson_escaped_utf8_each),
 }
+BOUND = ("json_loads", "json_dumps", "escaped_utf8", "escaped_utf8_each")
 
 
 def use(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     """Bind the module's JSON functions as the import would have bound them for `name`."""
-    loads, dumps, escaped = IMPLEMENTATIONS[name]
-    monkeypatch.setattr(proxy, "json_loads", loads)
-    monkeypatch.setattr(proxy, "json_dumps", dumps)
-    monkeypatch.setattr(proxy, "escaped_utf8", escaped)
+    for attribute, implementation in zip(BOUND, IMPLEMENTATIONS[name], strict=True):
+        monkeypatch.setattr(proxy, attribute, implementation)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,14 +67,14 @@ def use(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
 def test_the_import_binds_orjson_when_installed_and_the_stdlib_with_PROXY_NO_SPEEDUPS() -> None:
     if SPEEDUPS_OFF:
         assert proxy.orjson is None and proxy.uvloop is None
-        assert (proxy.json_loads, proxy.json_dumps, proxy.escaped_utf8) == IMPLEMENTATIONS["stdlib"]
+        assert tuple(getattr(proxy, attribute) for attribute in BOUND) == IMPLEMENTATIONS["stdlib"]
         return
     if not SPEEDUPS_INSTALLED:
         if strict_environment():
             pytest.fail("orjson and uvloop must be installed in CI: pip install -r requirements-speedups.txt")
         pytest.skip("orjson or uvloop not installed")
     assert proxy.orjson is not None and proxy.uvloop is not None
-    assert (proxy.json_loads, proxy.json_dumps, proxy.escaped_utf8) == IMPLEMENTATIONS["orjson"]
+    assert tuple(getattr(proxy, attribute) for attribute in BOUND) == IMPLEMENTATIONS["orjson"]
 
 
 def start_line(env: dict[str, str]) -> str:
@@ -246,6 +246,19 @@ def test_a_document_reaches_the_classify_body_as_the_same_text(with_orjson: None
 
     assert carried(proxy.orjson_escaped_utf8) == carried(proxy.stdlib_escaped_utf8)
     assert carried(proxy.orjson_escaped_utf8) in (text, "UnicodeEncodeError")
+
+
+@SETTINGS
+@given(texts=st.lists(any_text | st.text(max_size=50), max_size=6))
+def test_a_batch_of_documents_is_escaped_as_each_document_alone(with_orjson: None, texts: list[str]) -> None:
+    def each(escape_each: Any) -> list[Any] | str:
+        try:  # the texts as a JSON reader gets them back (orjson and the stdlib escape some characters differently)
+            return [json.loads(b'"' + escaped + b'"') for escaped in escape_each(texts)]
+        except UnicodeEncodeError:
+            return "UnicodeEncodeError"  # an unpaired surrogate: the 400 that names the document
+
+    assert each(proxy.orjson_escaped_utf8_each) == each(proxy.stdlib_escaped_utf8_each)
+    assert each(proxy.stdlib_escaped_utf8_each) in (texts, "UnicodeEncodeError")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,13 +32,14 @@ proxy = harness.proxy
 fake = importlib.util.module_from_spec(spec := importlib.util.spec_from_file_location("fake", BENCH / "fake_infinity.py"))
 spec.loader.exec_module(fake)
 
-IMPLEMENTATIONS = {"stdlib": ("stdlib_json_loads", "stdlib_json_dumps", "stdlib_escaped_utf8"),
-                   "orjson": ("orjson_loads", "orjson_dumps", "orjson_escaped_utf8")}
+BOUND = ("json_loads", "json_dumps", "escaped_utf8", "escaped_utf8_each")
+IMPLEMENTATIONS = {"stdlib": ("stdlib_json_loads", "stdlib_json_dumps", "stdlib_escaped_utf8", "stdlib_escaped_utf8_each"),
+                   "orjson": ("orjson_loads", "orjson_dumps", "orjson_escaped_utf8", "orjson_escaped_utf8_each")}
 
 
 def use(name: str) -> None:
-    loads, dumps, escaped = IMPLEMENTATIONS[name]
-    proxy.json_loads, proxy.json_dumps, proxy.escaped_utf8 = (getattr(proxy, n) for n in (loads, dumps, escaped))
+    for attribute, implementation in zip(BOUND, IMPLEMENTATIONS[name], strict=True):
+        setattr(proxy, attribute, getattr(proxy, implementation))
 
 
 def steps(documents: int, config: Any) -> dict[str, Any]:
