@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -27,7 +26,7 @@ from typing import Any
 import pytest
 
 import test_e2e
-from conftest import ROOT, missing_tier, proxy
+from conftest import ROOT, logged_until_now, missing_tier, proxy
 from test_e2e import (
     CALL_SECONDS,
     DOCUMENTS,
@@ -142,21 +141,12 @@ REQUEST_LINE = re.compile(r" (?P<method>GET|POST) (?P<path>\S+) status=(?P<statu
 
 @contextmanager
 def requests_seen(server: Server) -> Iterator[list[tuple[str, str, int, int]]]:
-    """The (method, path, status, documents) of every request the proxy logged while the block ran. The proxy
-    logs a request's line just after its answer is written, so a marker request sent after the block is
-    awaited in the log: the lines of every request before it are there by then."""
+    """The (method, path, status, documents) of every request the proxy logged while the block ran."""
     log_path: Path = server.proc.log_path
     start = log_path.stat().st_size
     seen: list[tuple[str, str, int, int]] = []
     yield seen
-    marker = f"request_id=seen-{time.monotonic_ns()} "
-    probe = urllib.request.Request(server.url + "/health", headers={"X-Request-ID": marker.split("=")[1].strip()})
-    urllib.request.urlopen(probe, timeout=30).read()
-    deadline = time.monotonic() + 30  # a generous bound: the line is normally there at once
-    while marker not in (text := log_path.read_bytes()[start:].decode("utf-8", "replace")):
-        assert time.monotonic() < deadline, "the proxy never logged the marker request"
-        time.sleep(0.02)
-    text = text[: text.index(marker)]
+    text = logged_until_now(server.url, log_path, start)
     seen.extend((m["method"], m["path"], int(m["status"]), int(m["documents"])) for m in REQUEST_LINE.finditer(text))
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import ROOT, free_port, proxy
+from conftest import ROOT, free_port, logged_until_now, proxy
 from test_e2e import (
     DOCUMENTS,
     LOCAL_HTTP,
@@ -99,7 +99,7 @@ class Pair:
         """How many rerank requests of `documents` documents the proxy answered, by status. LiteLLM's
         health checks send one document, so they are not counted with the clients' requests."""
         counts: dict[int, int] = {}
-        for line in self.proxy.log_path.read_text(errors="replace").splitlines():
+        for line in logged_until_now(self.url, self.proxy.log_path).splitlines():
             if " POST /rerank status=" in line and f" documents={documents} " in line:
                 status = int(line.split(" status=")[1].split()[0])
                 counts[status] = counts.get(status, 0) + 1
