@@ -121,6 +121,15 @@ def admission(client: Any) -> Any:
     return client.server.app[proxy.ADMISSION]
 
 
+async def holding(client: Any, size: int) -> RawClient:
+    """A connection whose request declares a body of `size` bytes and sends none of it: once admitted,
+    its bytes stay held against --max-pending-bytes while the proxy waits for the body."""
+    holder = await RawClient.to(client)
+    await holder.head(content_length=size)
+    assert await eventually(lambda: admission(client).bytes == size)
+    return holder
+
+
 # ---------------------------------------------------------------------------------------------
 # Admission: decided from the headers, before the body
 # ---------------------------------------------------------------------------------------------
@@ -144,9 +153,7 @@ async def test_a_request_over_max_concurrent_requests_is_429_at_once_without_its
 async def test_a_body_that_would_pass_max_pending_bytes_is_429_at_once_before_it_is_read(serve: Serve) -> None:
     # The largest request here counts 10,000 bytes of body and 3 prompts: 14,608 bytes.
     client = await serve(max_body_size=10_000, max_documents=2, max_pending_bytes=15_000)
-    holder = await RawClient.to(client)
-    await holder.head(content_length=9_000)  # admitted: its 9,000 bytes are held while its body is awaited
-    assert await eventually(lambda: admission(client).bytes == 9_000)
+    holder = await holding(client, 9_000)  # admitted: its 9,000 bytes are held while its body is awaited
     late = await RawClient.to(client)
     await late.head(content_length=9_000)
     status, headers, body = await late.answer()
@@ -161,9 +168,7 @@ async def test_a_body_that_would_pass_max_pending_bytes_is_429_at_once_before_it
 
 async def test_expect_100_continue_gets_continue_only_when_the_request_would_be_admitted(serve: Serve) -> None:
     client = await serve(max_body_size=10_000, max_documents=2, max_pending_bytes=15_000)
-    holder = await RawClient.to(client)
-    await holder.head(content_length=9_000)
-    assert await eventually(lambda: admission(client).bytes == 9_000)
+    holder = await holding(client, 9_000)
     refused = await RawClient.to(client)
     await refused.head(content_length=9_000, extra="Expect: 100-continue\r\n")
     status, headers, body = await refused.answer()  # the final answer, with no "100 Continue" before it
@@ -192,9 +197,7 @@ async def test_a_content_length_over_max_body_size_is_413_at_once_before_it_is_r
 async def test_a_chunked_body_is_counted_as_it_arrives_and_refused_when_it_would_pass_the_bound(
         serve: Serve, fake_infinity: FakeInfinity) -> None:
     client = await serve(max_body_size=10_000, max_documents=2, max_pending_bytes=15_000)
-    holder = await RawClient.to(client)
-    await holder.head(content_length=9_000)
-    assert await eventually(lambda: admission(client).bytes == 9_000)
+    holder = await holding(client, 9_000)
     chunked = await RawClient.to(client)
     await chunked.head(chunked=True)
     await chunked.chunk(b" " * 4_000)  # 13,000 held: still within the bound
@@ -225,9 +228,7 @@ async def test_a_request_with_more_prompts_than_the_bound_allows_beside_those_in
         serve: Serve, fake_infinity: FakeInfinity) -> None:
     # Each prompt counts PROMPT_BYTES: 10,000 one-word documents would pass under a bound on bodies alone.
     client = await serve(max_body_size=5_000, max_documents=20, max_pending_bytes=35_800)
-    holder = await RawClient.to(client)
-    await holder.head(content_length=5_000)
-    assert await eventually(lambda: admission(client).bytes == 5_000)
+    holder = await holding(client, 5_000)
     answer = await post(client, {"query": "q", "documents": [f"d{i}" for i in range(20)]})  # 20 prompts: 30,720
     assert_overloaded(answer.status, {k.lower(): v for k, v in answer.headers.items()}, answer.body,
                       "bodies and prompts")
