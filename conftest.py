@@ -208,13 +208,16 @@ def unlistened_socket() -> Iterator[socket.socket]:
         yield sock
 
 
+LOCAL_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an HTTP proxy
+
+
 def logged_until_now(base_url: str, log_path: Path, start: int = 0) -> str:
     """A running proxy's log from byte `start` to now. The proxy writes a request's line just after its
     answer, so a client holding its answer may not find the line yet: a marker request is sent and its
     line awaited, and by then the line of every request answered before it is in the log."""
     request_id = f"marker-{time.monotonic_ns()}"
-    urllib.request.urlopen(urllib.request.Request(base_url + "/health", headers={"X-Request-ID": request_id}),
-                           timeout=30).read()
+    LOCAL_HTTP.open(urllib.request.Request(base_url + "/health", headers={"X-Request-ID": request_id}),
+                    timeout=30).read()
     marker = f"request_id={request_id} "
     deadline = time.monotonic() + 30  # a generous bound: the line is normally there at once
     while marker not in (text := log_path.read_bytes()[start:].decode("utf-8", "replace")):

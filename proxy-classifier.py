@@ -473,12 +473,15 @@ def decode_body(raw: bytes) -> dict[str, Any]:
     """The request body as a JSON object, whatever its Content-Type says (curl without -H)."""
     if not raw or raw.isspace():
         raise bad_request("the request body is empty; send a JSON object with 'query' and 'documents'")
+    too_deep = f"the request body is nested too deeply: at most {MAX_BODY_NESTING} levels"
     try:
         body = json_loads(raw)
     except RecursionError:
-        raise bad_request("the request body is nested too deeply") from None
+        raise bad_request(too_deep) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}") from None
+    if nesting_of(body) > MAX_BODY_NESTING:  # orjson reads up to 1024 levels, the stdlib as deep as the stack allows
+        raise bad_request(too_deep)
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {json_type(body)}")
     return body
@@ -488,14 +491,19 @@ def decode_body(raw: bytes) -> dict[str, Any]:
 # document again (its rank_fields lines, or the answer echoing it) cannot overflow the stack: the
 # parser accepts nesting almost up to that limit, and a RecursionError there would be a 500.
 MAX_DOCUMENT_NESTING = 64
+# A whole body: one fixed bound, below both parsers' own (orjson's 1024 levels; the stdlib's recursion
+# limit less the stack in use, about 950 in a handler), so that the status never depends on the parser.
+MAX_BODY_NESTING = 512
 
 
 def nesting_of(value: Any) -> int:
-    """How many objects and lists deep a JSON value goes (0 for a string), counted without recursion."""
+    """How many objects and lists deep a JSON value goes (0 for a string), counted level by level without
+    recursion; a level without objects or lists (a body's documents, most often) is seen in one C-level pass."""
     depth, level = 0, [value]
-    while level := [item for item in level if isinstance(item, (dict, list))]:
+    while set(map(type, level)) & {dict, list}:
         depth += 1
-        level = [child for item in level for child in (item.values() if isinstance(item, dict) else item)]
+        level = [child for item in level if type(item) in (dict, list)
+                 for child in (item.values() if type(item) is dict else item)]
     return depth
 
 
@@ -866,6 +874,10 @@ def infinity_message(status: int, body: bytes) -> str:
     return f"HTTP {status}" + (f": {text}" if text else " with an empty body")
 
 
+def not_json(answer: bytes) -> RerankError:
+    return RerankError(502, f"Infinity's /classify answer is not JSON: {answer[:200]!r}")
+
+
 def reuse_tracing() -> TraceConfig:
     """Marks a request (its trace_request_ctx dict) whose connection came from the keep-alive pool:
     only such a connection can be one that Infinity closed while it sat idle."""
@@ -953,13 +965,18 @@ class Infinity:
             try:
                 answer = json_loads(raw, strict=False)
             except (ValueError, UnicodeDecodeError, RecursionError):
-                raise RerankError(502, f"Infinity's /classify answer is not JSON: {raw[:200]!r}") from None
+                raise not_json(raw) from None
             try:
                 scores = positive_probabilities(answer, expected, self.config.positive_label)
             except RerankError:
                 # Explained with the values as the standard library reads them (orjson reads an integer
-                # beyond 64 bits as a float), so that the message is the same with or without orjson.
-                scores = positive_probabilities(json.loads(raw), expected, self.config.positive_label)
+                # beyond 64 bits as a float, and nesting the stdlib cannot read), so that the answer is the
+                # same with or without orjson.
+                try:
+                    standard_reading = json.loads(raw)
+                except RecursionError:
+                    raise not_json(raw) from None
+                scores = positive_probabilities(standard_reading, expected, self.config.positive_label)
             outcome = "ok"
             return scores
         finally:

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from conftest import ROOT, free_port, listens_on, missing_tier, proxy
+from conftest import LOCAL_HTTP, ROOT, free_port, listens_on, missing_tier, proxy
 
 pytestmark = pytest.mark.e2e
 
@@ -57,7 +57,6 @@ PROXY_START_SECONDS = 30.0
 CALL_SECONDS = 60.0  # any one HTTP call a test makes
 SCORE_TOLERANCE = 1e-5  # measured: the proxy and transformers differ by about 1e-7
 INFINITY_KEY = "e2e-infinity-key"
-LOCAL_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an HTTP proxy
 
 # --------------------------------------------------------------------------------------------
 # The tiny model: mxbai-rerank-v2-seq's shape (a two-label Qwen2 classifier, Qwen's chat special

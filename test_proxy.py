@@ -256,6 +256,13 @@ async def test_usage_sums_prompt_tokens_over_calls_and_counts_missing_usage_as_z
     assert proxy.positive_probabilities(answer_without_usage, 1, "1") == ([0.5], 0)
 
 
+@pytest.mark.parametrize(("count", "counted"), [(7, 7), (0, 0), (2**64 - 1, 2**64 - 1), (-1, 0), (2**64, 0),
+                                                (7.0, 0), ("7", 0), (True, 0), (None, 0)])
+def test_a_prompt_token_count_that_is_no_count_adds_zero(count: Any, counted: int) -> None:
+    answer = {"data": [[{"label": "1", "score": 0.5}]], "usage": {"prompt_tokens": count}}
+    assert proxy.positive_probabilities(answer, 1, "1") == ([0.5], counted)
+
+
 # ---------------------------------------------------------------------------------------------
 # Documents as objects, rank_fields
 # ---------------------------------------------------------------------------------------------

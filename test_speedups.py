@@ -300,6 +300,15 @@ REQUESTS = {  # (body, the status the contract gives it)
         200),
     "NaN": (b'{"query": "q", "documents": [{"text": "a", "x": NaN}]}', 400),
     "1e999": (b'{"query": "q", "documents": ["a"], "x": 1e999}', 400),
+    # MAX_BODY_NESTING (512, the body object included) holds whichever parser reads: orjson reads 1024
+    # levels, the stdlib about 950 at a handler's depth of the stack.
+    "nesting 512 deep, at the bound": (b'{"query": "q", "documents": ["a"], "x": ' + b"[" * 511 + b"]" * 511 + b"}",
+                                       200),
+    "nesting 513 deep, past the bound": (b'{"query": "q", "documents": ["a"], "x": ' + b"[" * 512 + b"]" * 512 + b"}",
+                                         400),
+    "nesting 960 deep: orjson reads it, the stdlib may not": (
+        b'{"query": "q", "documents": ["a"], "x": ' + b"[" * 959 + b"]" * 959 + b"}", 400),
+    "nesting 1010 deep": (b'{"query": "q", "documents": ["a"], "x": ' + b"[" * 1009 + b"]" * 1009 + b"}", 400),
     "nesting 2000 deep": (b'{"query": "q", "documents": [{"text": "a", "x": ' + b"[" * 2000 + b"]" * 2000 + b"}]}",
                           400),
     "duplicate keys": (b'{"query": "q", "documents": ["a"], "query": "r"}', 200),
@@ -343,16 +352,20 @@ async def test_any_rerank_body_gets_the_same_status_and_answer_both_ways(
 HUGE_TOKENS = (b'{"data": [[{"label": "1", "score": 0.5}]], "usage": {"prompt_tokens": 18446744073709551616}}')
 HUGE_SCORE = b'{"data": [[{"label": "1", "score": 18446744073709551616}]]}'
 NAN_SCORE = b'{"data": [[{"label": "1", "score": NaN}]]}'
+DEEP_ITEM = b'{"data": [' + b"[" * 1010 + b"]" * 1010 + b"]}"  # orjson reads it, the stdlib cannot
 
 
-@pytest.mark.parametrize("answer", [HUGE_TOKENS, HUGE_SCORE, NAN_SCORE], ids=["tokens", "score", "NaN"])
+@pytest.mark.parametrize(("answer", "expected"), [(HUGE_TOKENS, 200), (HUGE_SCORE, 502), (NAN_SCORE, 502),
+                                                 (DEEP_ITEM, 502)], ids=["tokens", "score", "NaN", "nested 1010 deep"])
 async def test_infinity_answers_beyond_what_orjson_reads_are_handled_alike(
-        client: Any, fake_infinity: Any, with_orjson: None, monkeypatch: pytest.MonkeyPatch, answer: bytes) -> None:
+        client: Any, fake_infinity: Any, with_orjson: None, monkeypatch: pytest.MonkeyPatch, answer: bytes,
+        expected: int) -> None:
     async def odd_answer(request: web.Request) -> web.Response:
         return web.Response(body=answer, content_type="application/json")
 
     fake_infinity.fault = odd_answer
-    await both_ways(client, monkeypatch, b'{"query": "q", "documents": ["a"]}')
+    status, body = await both_ways(client, monkeypatch, b'{"query": "q", "documents": ["a"]}')
+    assert status == expected, body
 
 
 # ---------------------------------------------------------------------------------------------
