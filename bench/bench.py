@@ -544,6 +544,11 @@ def ms(seconds: float) -> float:
     return seconds * 1000
 
 
+def percentile_ms_by_round(runs: dict[str, list[tuple[list[float], float]]], fraction: float) -> dict[str, list[float]]:
+    """For each target of sequential_rounds, one percentile of its latencies (ms) a round."""
+    return {name: [ms(percentile(latencies, fraction)) for latencies, _ in got] for name, got in runs.items()}
+
+
 def rotated(items: list[Any], by: int) -> list[Any]:
     """Round r starts with a different item, so that no target always runs first."""
     by %= len(items)
@@ -597,8 +602,7 @@ async def measure_latency(plan: Plan, servers: Servers) -> dict[str, Any]:
         for count, requests in plan.latency_requests.items():
             load = workload(count, plan.document_chars)
             runs = await sequential_rounds(session, plan, targets, load, requests)
-            p50 = {name: [ms(percentile(latencies, 0.5)) for latencies, _ in got] for name, got in runs.items()}
-            p99 = {name: [ms(percentile(latencies, 0.99)) for latencies, _ in got] for name, got in runs.items()}
+            p50, p99 = percentile_ms_by_round(runs, 0.5), percentile_ms_by_round(runs, 0.99)
             cpu_per_request = {name: [cpu for _, cpu in runs[name]] for name in ("proxy", "relay")}
 
             def added(figures: dict[str, list[float]], path: str, base: str = "direct") -> dict[str, float]:
@@ -788,7 +792,7 @@ async def measure_speedups(plan: Plan, servers: Servers) -> dict[str, Any]:
         for count, requests in plan.speedups_latency_requests.items():
             load = workload(count, plan.document_chars)
             runs = await sequential_rounds(session, plan, targets, load, requests)
-            p50 = {name: [ms(percentile(latencies, 0.5)) for latencies, _ in got] for name, got in runs.items()}
+            p50 = percentile_ms_by_round(runs, 0.5)
             cpu = {name: [ms(cpu) for _, cpu in got] for name, got in runs.items()}
             latency_rows.append({
                 "documents": count, "requests_per_round": requests,
