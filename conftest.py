@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import importlib.util
 import os
 import socket
@@ -47,10 +48,14 @@ MAX_INPUTS = 2048
 MAX_INPUT_CHARS = 122_880
 
 
-def document_in(prompt: str) -> str:
-    """The document part of a prompt the proxy built (Infinity strips the prompt's two ends)."""
-    _, _, rest = prompt.partition("\ndocument: ")
-    return rest[: len(rest) - len(proxy.PROMPT_TAIL.strip())].removesuffix("\n") if rest else prompt
+PAD = "<|endoftext|>"  # the pad token of Qwen's tokenizers, which the fake's model skips
+PROBE_PROMPT = proxy.prompt_for(*proxy.ANCHOR_PROBE)  # the self-check's, answered outside the counts and faults
+
+
+def document_in(sent: str) -> str:
+    """The document part of an input the proxy sent (the prompt, then the pad anchor)."""
+    _, _, rest = sent.partition("\ndocument: ")
+    return rest.removesuffix(PAD).removesuffix(proxy.DEFAULT_TEMPLATE.tail) if rest else sent
 
 
 def hashed_probability(prompt: str) -> float:
@@ -62,7 +67,11 @@ class FakeInfinity:
     """infinity_emb's HTTP surface, as measured, with knobs for the tests."""
 
     def __init__(self) -> None:
-        self.score: Callable[[str], float] = hashed_probability  # stripped prompt -> p("1")
+        self.score: Callable[[str], float] = hashed_probability  # what the model reads -> p("1")
+        # Like a *ForSequenceClassification model: it reads the stripped input up to its last token that is
+        # not this pad token (None: a model without one reads every token).
+        self.pad_token: str | None = PAD
+        self.probe_bodies: list[dict[str, Any]] = []  # the proxy's self-checks
         self.fault: Callable[[web.Request], Awaitable[web.StreamResponse | None]] | None = None
         self.delay = 0.0  # seconds per /classify call, standing in for inference
         self.api_key: str | None = None
@@ -89,6 +98,8 @@ class FakeInfinity:
             if self.api_key and request.path != "/health" and request.headers.get(
                     "Authorization") != f"Bearer {self.api_key}":
                 return web.json_response({"detail": "Unauthorized"}, status=401)
+            if request.path.endswith("/classify") and await self.is_probe(request):
+                return await self.answer_probe(request)
             if self.fault is not None and request.path != "/health":
                 answer = await self.fault(request)
                 if answer is not None:
@@ -115,6 +126,26 @@ class FakeInfinity:
         return web.Response(status=200, body=b'{"object":"list","echo":' + body + b"}",
                             content_type="application/json")
 
+    def model_reads(self, sent: str) -> str:
+        text = sent.strip()  # Infinity strips every input
+        while self.pad_token and text.endswith(self.pad_token):
+            text = text.removesuffix(self.pad_token)
+        return text
+
+    async def is_probe(self, request: web.Request) -> bool:
+        try:
+            inputs = json.loads(await request.read())["input"]
+            return isinstance(inputs, list) and all(text.startswith(PROBE_PROMPT) for text in inputs)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return False
+
+    async def answer_probe(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.probe_bodies.append(body)
+        scores = [self.score(self.model_reads(text)) for text in body["input"]]
+        return web.json_response({"object": "classify", "data": [self.labels(p) for p in scores],
+                                  "usage": {"prompt_tokens": 0, "total_tokens": 0}})
+
     async def classify(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.classify_bodies.append(body)
@@ -136,7 +167,8 @@ class FakeInfinity:
         finally:
             self.in_flight -= 1
         tokens = sum(len(s) for s in stripped)  # Infinity counts characters by default
-        return web.json_response({"object": "classify", "data": [self.labels(self.score(s)) for s in stripped],
+        return web.json_response({"object": "classify", "data": [self.labels(self.score(self.model_reads(s)))
+                                                                 for s in inputs],
                                   "model": body.get("model"), "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
                                   "id": "infinity-fake", "created": int(time.time())})
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -24,6 +25,7 @@ import os
 import re
 import sys
 import time
+import unicodedata
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -55,52 +57,111 @@ if not SPEEDUPS_OFF:
         import uvloop
 
 # --------------------------------------------------------------------------------------------
-# 1. What the model expects: mxbai-rerank-v2's prompt, as it was trained (mixedbread's
-#    mxbai_rerank_v2.py, vLLM's mxbai_rerank_v2.jinja). The template printed on the -seq model
-#    cards differs (a leading <|endoftext|>, spaces before newlines); the trained one is right.
+# 1. What the models expect: each reranker family's prompt as data, and the one function that
+#    renders it. A family is an entry here, never a branch in the request path.
 # --------------------------------------------------------------------------------------------
 
-SYSTEM_TURN = (
-    "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
-)
-USER_TURN = "<|im_start|>user\n"
-INSTRUCTION_LINE = "instruction: {instruction}\n"
-QUERY_LINE = "query: {query}\n"
-DOCUMENT_LINE = "document: {document}\n"
-TASK_LINE = (
-    "You are a search relevance expert who evaluates how well documents match search queries. "
-    "For each query-document pair, carefully analyze the semantic relationship between them, "
-    "then provide your binary relevance judgment (0 for not relevant, 1 for relevant).\n"
-    "Relevance:<|im_end|>\n"
-)
-ASSISTANT_TURN = "<|im_start|>assistant\n"
 
-DOCUMENT_START, DOCUMENT_END = DOCUMENT_LINE.split("{document}")
-PROMPT_TAIL = DOCUMENT_END + TASK_LINE + ASSISTANT_TURN  # the same for every prompt
+@dataclass(frozen=True)
+class Template:
+    """A causal-LM reranker's prompt, in named pieces, as its authors' code joins them:
+    prefix, [instruction line], query line, document line, suffix. The model answers at the
+    suffix's last token; converted to a two-label classifier it is served by Infinity's /classify."""
+
+    name: str
+    prefix: str
+    instruction_line: str  # holds {instruction}
+    query_line: str  # holds {query}
+    document_line: str  # holds {document}
+    suffix: str
+    positive_label: str  # the classifier label whose probability is the relevance
+    labels: tuple[str, ...]  # id2label, in label-id order
+    default_instruction: str = ""
+    instruction_optional: bool = True  # an empty instruction drops its line (mxbai) or keeps it empty (Qwen3)
+    # Pad anchors, tried in order by the self-check (see AnchorCheck): Infinity strips every input, which
+    # would cut the prompt's trailing newline and move the read-out one token back. A pad token after the
+    # prompt is not whitespace, so it is not stripped, and a *ForSequenceClassification model reads the
+    # last token that is not its pad token: exactly the trained last position.
+    anchors: tuple[str, ...] = ("<|endoftext|>", "<|im_end|>")
+    special_tokens: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+    max_tokens: int = 8192  # the longest prompt the model scores; its authors' library never passes it
+
+    def head(self, query: str, instruction: str) -> str:
+        """Everything before the document: the same for every prompt of one request."""
+        line = self.instruction_line.format(instruction=instruction) if instruction or not self.instruction_optional else ""
+        return self.prefix + line + self.query_line.format(query=query) + self.document_line.split("{document}")[0]
+
+    @property
+    def tail(self) -> str:
+        """Everything after the document, without the anchor: the same for every prompt."""
+        return self.document_line.split("{document}")[1] + self.suffix
+
+    def prompt(self, query: str, document: str, instruction: str = "") -> str:
+        """The exact text the model was trained to score for one query and one document."""
+        return self.head(query, instruction) + document + self.tail
 
 
-def prompt_head(query: str, instruction: str = "") -> str:
-    """Everything before the document: the same for every prompt of one request."""
-    instruction_line = INSTRUCTION_LINE.format(instruction=instruction) if instruction else ""
-    return SYSTEM_TURN + USER_TURN + instruction_line + QUERY_LINE.format(query=query) + DOCUMENT_START
+QWEN_SYSTEM = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+TEMPLATES: dict[str, Template] = {
+    # mixedbread's mxbai_rerank_v2.py (and vLLM's mxbai_rerank_v2.jinja): the template printed on the -seq
+    # model cards differs (a leading <|endoftext|>, spaces before newlines); the trained one is this.
+    "mxbai-rerank-v2": Template(
+        name="mxbai-rerank-v2",
+        prefix=QWEN_SYSTEM + "<|im_start|>user\n",
+        instruction_line="instruction: {instruction}\n",
+        query_line="query: {query}\n",
+        document_line="document: {document}\n",
+        suffix="You are a search relevance expert who evaluates how well documents match search queries. "
+        "For each query-document pair, carefully analyze the semantic relationship between them, "
+        "then provide your binary relevance judgment (0 for not relevant, 1 for relevant).\n"
+        "Relevance:<|im_end|>\n<|im_start|>assistant\n",
+        positive_label="1",
+        labels=("0", "1"),
+    ),
+}
+DEFAULT_TEMPLATE = TEMPLATES["mxbai-rerank-v2"]
+PAD_ANCHOR = DEFAULT_TEMPLATE.anchors[0]
 
 
-def prompt_for(query: str, document: str, instruction: str = "") -> str:
-    """The exact text mxbai-rerank-v2 scores for one query and one document."""
-    return prompt_head(query, instruction) + document + PROMPT_TAIL
+def prompt_for(query: str, document: str, instruction: str = "", template: Template = DEFAULT_TEMPLATE) -> str:
+    """The prompt as trained, without the anchor."""
+    return template.prompt(query, document, instruction)
+
+
+def classify_input(query: str, document: str, instruction: str = "", anchor: str = PAD_ANCHOR,
+                   template: Template = DEFAULT_TEMPLATE) -> str:
+    """What is sent to Infinity for one query and one document: the prompt, then the pad anchor."""
+    return template.prompt(query, document, instruction) + anchor
+
+
+# The self-check (AnchorCheck): one fixed pair scored with one anchor and with two. A model that skips
+# the anchor as padding scores both alike; one that reads it scores them apart by whole units of
+# log-odds (measured on the tiny test models: README, Fidelity). The tolerance holds for fp16 on a GPU:
+# an 11-bit significand leaves about 1e-3 relative error on logits of magnitude up to ~30, some 0.03 on
+# each and twice that on their difference, when the two inputs are padded to different lengths.
+ANCHOR_PROBE = ("What is the boiling point of water at sea level?", "At sea level, water boils at 100 degrees Celsius.")
+ANCHOR_TOLERANCE = 0.1  # log-odds
 
 
 # The proxy's CPU goes mostly into JSON, and the template dwarfs a typical document. So the
-# classify body is written by hand: the fixed tail is JSON-escaped once here, the head once per
-# request, and only the document once per prompt.
+# classify body is written by hand: the fixed tail is JSON-escaped once per template and anchor, the
+# head once per request, and only the document once per prompt.
 _escape_json = json.encoder.encode_basestring  # str -> '"escaped"', C-accelerated
 _escape_ascii_json = json.encoder.encode_basestring_ascii  # the same for ASCII text, 2 to 3 times faster
 # No cycle check: every value it writes is a tree (parsed JSON, or built here), and skipping the check
 # saves a seventh of writing an answer.
 compact_json = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
-ESCAPED_PROMPT_TAIL = _escape_json(PROMPT_TAIL)[1:-1]
-PROMPT_OVERHEAD_CHARS = len(prompt_for("", "", "x")) - 1  # with an instruction line
-CLOSING_PROMPT_TAIL = (ESCAPED_PROMPT_TAIL + '"').encode()
+
+
+@functools.lru_cache(maxsize=64)
+def closing_tail(template: Template, anchor: str) -> bytes:
+    """The JSON-escaped tail, anchor and closing quote that end every input of one template and anchor."""
+    return (_escape_json(template.tail + anchor)[1:-1] + '"').encode()
+
+
+def template_overhead_chars(template: Template) -> int:
+    """Characters of the longest prompt that are not the query, instruction or document."""
+    return len(template.prompt("", "", "x")) - 1 + max(map(len, template.anchors))
 
 
 def stdlib_escaped_utf8(text: str) -> bytes:
@@ -172,7 +233,8 @@ class Config:
     max_doc_chars: int = 8000
     max_chunks_per_doc: int = 10
     instruction: str = ""
-    positive_label: str = "1"
+    positive_label: str = ""  # the template's
+    tokenizer: str = ""  # the model's tokenizer.json: prompts are then measured in its tokens
     api_key: str = ""
     infinity_api_key: str = ""
     log_level: str = "INFO"
@@ -217,7 +279,7 @@ class Config:
         ):
             at_least(flag, value, 1)
         # The longest prompt: an instruction and a query of --max-query-chars each, one chunk.
-        longest = PROMPT_OVERHEAD_CHARS + 2 * self.max_query_chars + self.max_doc_chars
+        longest = max(map(template_overhead_chars, TEMPLATES.values())) + 2 * self.max_query_chars + self.max_doc_chars
         if longest > INFINITY_MAX_INPUT_CHARS:
             raise ValueError(
                 f"--max-query-chars and --max-doc-chars allow prompts of {longest} characters; "
@@ -226,8 +288,7 @@ class Config:
             )
         if len(self.instruction) > self.max_query_chars:
             raise ValueError("--instruction is longer than --max-query-chars")
-        if not self.positive_label:
-            raise ValueError("--positive-label must not be empty")
+        TokenCounter.from_file(self.tokenizer)  # a bad --tokenizer stops the proxy at start
         url = URL(self.infinity_url)
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError(
@@ -265,7 +326,10 @@ OPTIONS: list[tuple[str, type, str]] = [
     ("--max-doc-chars", int, "a longer document is split into chunks of at most this many characters"),
     ("--max-chunks-per-doc", int, "chunks of one document scored, when a request gives no max_chunks_per_doc"),
     ("--instruction", str, "mxbai instruction line used when a request gives none (empty: no line)"),
-    ("--positive-label", str, "the classifier label whose probability is the relevance score"),
+    ("--positive-label", str, "the classifier label whose probability is the relevance score (default: the "
+     "template's, 1 for mxbai-rerank-v2)"),
+    ("--tokenizer", str, "the served model's tokenizer.json: prompts are kept within the model's context counted "
+     "in its tokens (needs the tokenizers package); without it, counted in UTF-8 bytes, a bound for any script"),
     ("--api-key", str, "if set, clients must send 'Authorization: Bearer <key>'"),
     ("--infinity-api-key", str, "bearer token the proxy sends to Infinity"),
     ("--log-level", str, "DEBUG, INFO, WARNING or ERROR"),
@@ -361,7 +425,7 @@ class RerankRequest:
     instruction: str
     raw_scores: bool
     max_chunks_per_doc: int
-    max_chars_per_doc: int | None  # from max_tokens_per_doc
+    max_tokens_per_doc: int | None
 
 
 def is_integer(value: Any) -> bool:
@@ -583,8 +647,7 @@ def parse_rerank(body: dict[str, Any], config: Config) -> RerankRequest:
         instruction=instruction if instruction is not None else config.instruction,
         raw_scores=bool(raw_scores),
         max_chunks_per_doc=max_chunks or config.max_chunks_per_doc,
-        # The proxy has no tokenizer: about 3 characters a token.
-        max_chars_per_doc=3 * max_tokens if max_tokens is not None else None,
+        max_tokens_per_doc=max_tokens,
     )
 
 
@@ -618,20 +681,94 @@ def rerank_body_from_tei(body: dict[str, Any], config: Config) -> dict[str, Any]
 
 
 _WHITESPACE = re.compile(r"\s")
+# Room for the few tokens that BPE merges can add where the pieces of a prompt meet.
+BOUNDARY_TOKENS = 16
 
 
-def chunks_of(text: str, max_chars: int, max_chunks: int) -> list[str]:
+class TokenCounter:
+    """How many tokens a text takes, as an upper bound. With --tokenizer, the model's own count (the
+    optional `tokenizers` package; no torch). Without, the text's UTF-8 bytes after the NFC normalisation
+    Qwen's tokenizers apply: a byte-level BPE token holds at least one byte, so no script (CJK, emoji)
+    can make a prompt outgrow the model. A special token of the template counts as one token."""
+
+    def __init__(self, tokenizer: Any = None) -> None:
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_file(cls, path: str) -> TokenCounter:
+        if not path:
+            return cls()
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ValueError("--tokenizer needs the 'tokenizers' package: pip install tokenizers") from None
+        try:
+            return cls(Tokenizer.from_file(path))
+        except Exception as exc:  # the library raises its own error types for a missing or bad file
+            raise ValueError(f"--tokenizer {path!r} is not a tokenizer.json the tokenizers package reads: {exc}") from None
+
+    def bytes_bound(self, text: str) -> int:
+        if text.isascii():
+            return len(text)
+        if not unicodedata.is_normalized("NFC", text):
+            text = unicodedata.normalize("NFC", text)
+        return len(text.encode("utf-8", "surrogatepass"))
+
+    def count(self, text: str) -> int:
+        bound = self.bytes_bound(text)
+        if self.tokenizer is None or bound <= 1:
+            return bound
+        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def fits(self, text: str, budget: int) -> bool:
+        return self.bytes_bound(text) <= budget or (self.tokenizer is not None and self.count(text) <= budget)
+
+    def template_cost(self, template: Template, instruction: bool) -> int:
+        """Tokens of a prompt's fixed text (with or without its instruction line), its anchor included."""
+        line = template.instruction_line.format(instruction="") if instruction or not template.instruction_optional else ""
+        text = (template.prefix + line + template.query_line.format(query="")
+                + template.document_line.format(document="") + template.suffix)
+        if self.tokenizer is not None:
+            return self.count(text) + 1
+        specials = sum(text.count(token) for token in template.special_tokens)
+        for token in template.special_tokens:
+            text = text.replace(token, "")
+        return self.bytes_bound(text) + specials + 1
+
+    def fitting(self, text: str, budget: int) -> int:
+        """How many leading characters of `text` fit in `budget` tokens."""
+        if self.bytes_bound(text) <= budget:
+            return len(text)
+        if self.tokenizer is not None:
+            offsets = self.tokenizer.encode(text, add_special_tokens=False).offsets
+            return len(text) if len(offsets) <= budget else offsets[max(budget, 0)][0]
+        if text.isascii():
+            return max(budget, 0)
+        end = min(len(text), budget)
+        while end > 0 and (cost := self.bytes_bound(text[:end])) > budget:
+            end = min(end - 1, end * budget // cost)
+        return max(end, 0)
+
+
+UTF8_BOUND = TokenCounter()
+
+
+def chunks_of(text: str, max_chars: int, max_chunks: int, budget: int | None = None,
+              counter: TokenCounter = UTF8_BOUND) -> list[str]:
     """Split a long document so that no prompt is cut by the tokenizer (which would drop the task
-    suffix and make the score meaningless). A chunk ends after the last whitespace in its final
-    tenth when there is one, else at the limit; chunks do not overlap; the first ones are kept."""
-    if len(text) <= max_chars:
+    suffix and make the score meaningless): chunks of at most `max_chars` characters and `budget`
+    tokens. A chunk ends after the last whitespace in its final tenth when there is one, else at the
+    limit; chunks do not overlap; the first ones are kept."""
+    if len(text) <= max_chars and (budget is None or counter.fits(text, budget)):
         return [text]
     chunks: list[str] = []
     start = 0
     while start < len(text) and len(chunks) < max_chunks:
         end = start + max_chars
+        if budget is not None and not counter.fits(text[start:end], budget):
+            end = start + max(1, counter.fitting(text[start:end], budget))
         if end < len(text):
-            window_start = end - max(1, max_chars // 10)
+            window_start = end - max(1, (end - start) // 10)
             cut = -1
             for match in _WHITESPACE.finditer(text, window_start, end):
                 cut = match.end()
@@ -644,6 +781,7 @@ def chunks_of(text: str, max_chars: int, max_chunks: int) -> list[str]:
 
 @dataclass(frozen=True)
 class ClassifyPlan:
+    template: Template
     prompt_head: str  # everything before the document, the same for every prompt of the request
     unique_texts: list[str]  # distinct document chunks: each is scored once
     # Indexes into unique_texts for each document; None when each document is one prompt of its own,
@@ -651,28 +789,48 @@ class ClassifyPlan:
     chunks_by_document: list[list[int]] | None
 
 
-def plan_prompts(request: RerankRequest, config: Config) -> ClassifyPlan:
-    """Every document's chunks, de-duplicated: identical prompts within a request are sent once."""
-    head = prompt_head(request.query, request.instruction)
+def fitted_query(request: RerankRequest, template: Template, counter: TokenCounter) -> str:
+    """The query, cut so that it and the instruction take at most three quarters of the model's context
+    (mixedbread's library keeps the same share for the query), leaving the rest to the document."""
+    room = (template.max_tokens - counter.template_cost(template, bool(request.instruction)) - BOUNDARY_TOKENS) * 3 // 4
+    room -= counter.count(request.instruction) if request.instruction else 0
+    if room < 1:
+        raise bad_request(f"'instruction' leaves no room for the query in the model's {template.max_tokens} tokens",
+                          "instruction")
+    query = request.query
+    return query if counter.bytes_bound(query) <= room else query[: max(1, counter.fitting(query, room))]
+
+
+def plan_prompts(request: RerankRequest, config: Config, counter: TokenCounter = UTF8_BOUND,
+                 template: Template = DEFAULT_TEMPLATE) -> ClassifyPlan:
+    """Every document's chunks, each prompt within the model's context, de-duplicated: identical
+    prompts within a request are sent once."""
+    query = fitted_query(request, template, counter)
+    head = template.head(query, request.instruction)
+    budget = (template.max_tokens - counter.template_cost(template, bool(request.instruction)) - BOUNDARY_TOKENS
+              - counter.count(query) - (counter.count(request.instruction) if request.instruction else 0))
     texts = request.texts
-    if (request.max_chars_per_doc is None and max(map(len, texts), default=0) <= config.max_doc_chars
-            and len(set(texts)) == len(texts)):
-        return ClassifyPlan(head, texts, None)
+    longest = max(map(len, texts), default=0)
+    if (request.max_tokens_per_doc is None and longest <= min(config.max_doc_chars, budget)
+            and all(map(str.isascii, texts)) and len(set(texts)) == len(texts)):
+        return ClassifyPlan(template, head, texts, None)
     index_of: dict[str, int] = {}
     unique: list[str] = []
     by_document: list[list[int]] = []
-    for text in request.texts:
-        if request.max_chars_per_doc is not None:
-            text = text[: request.max_chars_per_doc]
+    for text in texts:
+        if request.max_tokens_per_doc is not None:
+            # Without the model's tokenizer, about 3 characters a token.
+            text = text[: counter.fitting(text, request.max_tokens_per_doc) if counter.tokenizer is not None
+                        else 3 * request.max_tokens_per_doc]
         ids = []
-        for chunk in chunks_of(text, config.max_doc_chars, request.max_chunks_per_doc):
+        for chunk in chunks_of(text, config.max_doc_chars, request.max_chunks_per_doc, budget, counter):
             at = index_of.get(chunk)
             if at is None:
                 at = index_of[chunk] = len(unique)
                 unique.append(chunk)
             ids.append(at)
         by_document.append(ids)
-    return ClassifyPlan(head, unique, by_document)
+    return ClassifyPlan(template, head, unique, by_document)
 
 
 def classify_batches(plan: ClassifyPlan, batch_size: int) -> list[range]:
@@ -681,21 +839,23 @@ def classify_batches(plan: ClassifyPlan, batch_size: int) -> list[range]:
     return [range(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
 
 
-def classify_bodies(model: str, plan: ClassifyPlan, batch_size: int) -> list[tuple[bytes, int]]:
+def classify_bodies(model: str, plan: ClassifyPlan, batch_size: int,
+                    anchor: str = PAD_ANCHOR) -> list[tuple[bytes, int]]:
     """The /classify calls to make, as (JSON body, number of inputs). Bodies are written by hand:
     the template is escaped once, not per prompt, and the prompts of a call are joined in one pass
-    (between two documents stands tail + "," + head)."""
+    (between two documents stands tail + anchor + "," + head)."""
     texts = plan.unique_texts
     head = b'"' + escaped_utf8(plan.prompt_head)  # parse_rerank checked the query and instruction
     opening = b'{"model":"' + escaped_utf8(model) + b'","input":[' + head
-    separator = CLOSING_PROMPT_TAIL + b"," + head
+    tail = closing_tail(plan.template, anchor)
+    separator = tail + b"," + head
     calls = []
     for batch in classify_batches(plan, batch_size):
         try:
             documents = separator.join(escaped_utf8_each(texts[batch.start:batch.stop]))
         except UnicodeEncodeError:
             raise unpaired_surrogate(document_param(plan, batch)) from None
-        calls.append((opening + documents + CLOSING_PROMPT_TAIL + b"]}", len(batch)))
+        calls.append((opening + documents + tail + b"]}", len(batch)))
     return calls
 
 
@@ -829,23 +989,22 @@ def tei_answer(request: RerankRequest, scores: list[float], tokens: int) -> list
     return [{"index": i, "score": scores[i]} for i in ranked(scores, None)]
 
 
-# mxbai-rerank-v2-seq's labels as Infinity reports them, and its context in tokens.
-MODEL_LABELS = {"0": "0", "1": "1"}
-MODEL_MAX_INPUT_TOKENS = 8192
-
-
-def tei_info(config: Config) -> dict[str, Any]:
+def tei_info(config: Config, template: Template, check: AnchorCheck | None) -> dict[str, Any]:
     """TEI's GET /info for the served model: Dify's TEI provider adds a model only when model_type
     says "reranker". TEI's fields that describe its own backend (dtype, token budgets, tokenizer
-    workers) have no counterpart here and are left out rather than made up."""
+    workers) have no counterpart here and are left out rather than made up. Beyond TEI's fields: the
+    template and what the self-check found ("unchecked" until the model is first used or /ready runs)."""
+    id2label = dict(enumerate(template.labels))
     return {
         "model_id": config.model, "model_sha": None,
-        "model_type": {"reranker": {"id2label": MODEL_LABELS,
-                                    "label2id": {label: int(i) for i, label in MODEL_LABELS.items()}}},
-        "max_input_length": MODEL_MAX_INPUT_TOKENS, "max_batch_requests": config.batch_size,
+        "model_type": {"reranker": {"id2label": {str(i): label for i, label in id2label.items()},
+                                    "label2id": {label: i for i, label in id2label.items()}}},
+        "max_input_length": template.max_tokens, "max_batch_requests": config.batch_size,
         "max_client_batch_size": config.max_documents,
         "auto_truncate": True,  # a long text is never refused: it is chunked
         "version": PROXY_VERSION, "sha": None, "docker_label": None,
+        **(check.report() if check else {"template": template.name, "anchor": template.anchors[0],
+                                         "template_check": "unchecked"}),
     }
 
 
@@ -942,15 +1101,18 @@ class Infinity:
         """A 401/403 from Infinity is the proxy's misconfiguration when the key is not the client's."""
         return bool(self.config.api_key)
 
-    async def classify(self, body: bytes, expected: int, headers: dict[str, str]) -> tuple[list[float], int]:
-        """One /classify call: the positive label's probability for each input, and its tokens."""
+    async def classify(self, body: bytes, expected: int, headers: dict[str, str], positive_label: str,
+                       pooled: bool = True) -> tuple[list[float], int]:
+        """One /classify call: the positive label's probability for each input, and its tokens. A call made
+        once (the self-check) goes out unpooled: it leaves no idle connection to go stale in the pool."""
         outcome = "cancelled"  # unless the call ends otherwise: its request gave up (client gone, --timeout)
         try:
             async with self.slots:
                 self.in_flight += 1
                 started = time.perf_counter()
                 try:
-                    status, answer_headers, raw = await self._post_classify(body, headers)
+                    status, answer_headers, raw = await self._post_classify(
+                        body, headers, self.session if pooled else self.fresh_session)
                 except RerankError as exc:
                     outcome = "timeout" if exc.status == 504 else "unreachable"
                     raise
@@ -966,7 +1128,7 @@ class Infinity:
             except (ValueError, UnicodeDecodeError, RecursionError):
                 raise not_json(raw) from None
             try:
-                scores = positive_probabilities(answer, expected, self.config.positive_label)
+                scores = positive_probabilities(answer, expected, positive_label)
             except RerankError:
                 # Explained with the values as the standard library reads them (orjson reads an integer
                 # beyond 64 bits as a float, and nesting the stdlib cannot read), so that the answer is the
@@ -975,15 +1137,15 @@ class Infinity:
                     standard_reading = json.loads(raw)
                 except RecursionError:
                     raise not_json(raw) from None
-                scores = positive_probabilities(standard_reading, expected, self.config.positive_label)
+                scores = positive_probabilities(standard_reading, expected, positive_label)
             outcome = "ok"
             return scores
         finally:
             self.metrics.labelled(self.metrics.upstream_calls, outcome).inc()
 
-    async def _post_classify(self, body: bytes, headers: dict[str, str]) -> tuple[int, Any, bytes]:
+    async def _post_classify(self, body: bytes, headers: dict[str, str],
+                             session: ClientSession) -> tuple[int, Any, bytes]:
         headers = {"Content-Type": "application/json", **headers}
-        session = self.session
         for attempt in (1, 2):
             connection = {"reused": False}  # set by reuse_tracing() when the pool hands out a kept-alive one
             try:
@@ -1040,16 +1202,17 @@ class Infinity:
                                headers={RETRY_AFTER: retry} if retry else None)
         return RerankError(502, f"Infinity failed with {status}: {message}")
 
-    async def classify_all(self, calls: list[tuple[bytes, int]],
-                           headers: dict[str, str]) -> tuple[list[float], int]:
+    async def classify_all(self, calls: list[tuple[bytes, int]], headers: dict[str, str],
+                           positive_label: str) -> tuple[list[float], int]:
         """All calls of one request, concurrently. The first failure cancels the others: no partial
         answer is ever returned."""
         if not calls:
             return [], 0
         if len(calls) == 1:
-            results = [await self.classify(*calls[0], headers)]
+            results = [await self.classify(*calls[0], headers, positive_label)]
         else:
-            results = await all_or_nothing([self.classify(body, inputs, headers) for body, inputs in calls])
+            results = await all_or_nothing([self.classify(body, inputs, headers, positive_label)
+                                            for body, inputs in calls])
         scores: list[float] = []
         tokens = 0
         for batch_scores, batch_tokens in results:
@@ -1070,6 +1233,15 @@ class Infinity:
         except (client_exceptions.ClientError, asyncio.TimeoutError) as exc:
             raise self.unreachable(exc, url) from None
 
+    async def served_models(self, headers: dict[str, str]) -> list[str]:
+        """The model ids Infinity lists at {prefix}/models; none when it cannot say."""
+        try:
+            status, _, raw = await self.forward("GET", self.models_path, "", b"", headers)
+            listed = json_loads(raw, strict=False)["data"] if status == 200 else []
+            return [model["id"] for model in listed if isinstance(model.get("id"), str)]
+        except (RerankError, ValueError, UnicodeDecodeError, RecursionError, TypeError, KeyError, AttributeError):
+            return []
+
     async def health(self, within: float) -> str:
         """'ok', or why Infinity's /health does not answer."""
         url = self.origin / "health"
@@ -1081,6 +1253,101 @@ class Infinity:
             return f"{url} did not answer within {within:g} s"
         except client_exceptions.ClientError as exc:
             return f"cannot reach {url}: {exc or type(exc).__name__}"
+
+
+@dataclass(frozen=True)
+class AnchorCheck:
+    """What the self-check found for one served model: the pad anchor it skips, or that it skips none."""
+
+    model: str
+    template: Template
+    anchor: str | None  # the first of the template's anchors the model skips as padding; None: none
+    gaps: tuple[float, ...]  # per anchor tried: log-odds of the probe with one anchor less with two
+
+    @property
+    def anchor_to_send(self) -> str:
+        # A model that skips none of them reads whatever ends the prompt: the scores are off either way,
+        # and the operator is told (WARNING, /health, /info, /metrics).
+        return self.anchor or self.template.anchors[0]
+
+    def report(self) -> dict[str, Any]:
+        return {"template": self.template.name, "anchor": self.anchor_to_send,
+                "template_check": "ok" if self.anchor else "failed: the model reads the pad anchor (README, Fidelity)"}
+
+
+class AnchorChecks:
+    """Runs the self-check once per served model (when a model is first used, or by GET /ready) and keeps
+    the outcome. Requests that arrive while it runs wait for the same check."""
+
+    MODELS_SECONDS = 30.0  # how long Infinity's model list is trusted before it is read again
+    MAX_CHECKED = 64
+
+    def __init__(self, infinity: Infinity, metrics: Metrics) -> None:
+        self.infinity = infinity
+        self.metrics = metrics
+        self.done: dict[str, AnchorCheck] = {}
+        self.running: dict[str, asyncio.Future[AnchorCheck]] = {}
+        self.served: tuple[list[str], float] | None = None  # Infinity's model ids, and when they were read
+
+    async def anchor_for(self, model: str, template: Template, headers: dict[str, str]) -> str:
+        """The anchor to send to `model`: found by the check, which runs here the first time."""
+        served = await self.served_name(model, headers)
+        check = self.done.get(served)
+        if check is None:
+            running = self.running.get(served)
+            if running is None:
+                running = self.running[served] = asyncio.ensure_future(self.check(served, template, headers))
+                running.add_done_callback(lambda _: self.running.pop(served, None))
+            check = await asyncio.shield(running)  # a request that gives up leaves the check to the others
+        return check.anchor_to_send
+
+    async def served_name(self, model: str, headers: dict[str, str]) -> str:
+        """The name to check `model` under. The first name used is checked as it is. With one model loaded,
+        Infinity ignores the name a request gives, so another name is looked up in Infinity's model list
+        ({prefix}/models, read at most every MODELS_SECONDS): the checks stay one per served model, whatever
+        names clients send. Where the list cannot be read, names are checked as they come, the newest
+        MAX_CHECKED kept."""
+        if model in self.done or model in self.running or not (self.done or self.running):
+            return model
+        now = time.monotonic()
+        if self.served is None or now - self.served[1] > self.MODELS_SECONDS:
+            self.served = (await self.infinity.served_models(headers), now)
+        names = self.served[0]
+        return names[0] if len(names) == 1 else model
+
+    async def check(self, model: str, template: Template, headers: dict[str, str]) -> AnchorCheck:
+        """Score the probe with one anchor and with two: a model that skips the anchor scores them alike."""
+        prompt = template.prompt(*ANCHOR_PROBE)
+        gaps = []
+        for anchor in template.anchors:
+            body = json_dumps({"model": model, "input": [prompt + anchor, prompt + anchor + anchor]})
+            (once, twice), _ = await self.infinity.classify(body, 2, headers, template.positive_label, pooled=False)
+            gaps.append(log_odds(once) - log_odds(twice))
+            if abs(gaps[-1]) <= ANCHOR_TOLERANCE:
+                found = AnchorCheck(model, template, anchor, tuple(gaps))
+                break
+        else:
+            found = AnchorCheck(model, template, None, tuple(gaps))
+            log.warning("model %r does not skip its pad token after the prompt (log-odds moved by %s with a second "
+                        "anchor %s): every score it gives is off. Set pad_token_id in its config.json to the id of "
+                        "%s (README, Fidelity)", model, ", ".join(f"{gap:.3g}" for gap in gaps),
+                        " or ".join(template.anchors), template.anchors[0])
+        if len(self.done) >= self.MAX_CHECKED:
+            oldest = self.done.pop(next(iter(self.done)))
+            self.metrics.template_check.remove(oldest.model, oldest.template.name)
+        self.done[model] = found
+        self.metrics.template_check.labels(model, template.name).set(1 if found.anchor else 0)
+        log.debug("template check: model %r, template %s, anchor %s", model, template.name,
+                 found.anchor or "none skipped")
+        return found
+
+    async def ready_check(self, model: str, template: Template, within: float) -> None:
+        """GET /ready starts the check for --model and waits for it within the probe's time, no longer."""
+        with contextlib.suppress(RerankError, asyncio.TimeoutError):
+            await asyncio.wait_for(self.anchor_for(model, template, self.infinity.auth_headers(None)), within)
+
+    def reports(self) -> dict[str, dict[str, Any]]:
+        return {model: check.report() for model, check in self.done.items()}
 
 
 async def all_or_nothing(calls: list[Awaitable[Any]]) -> list[Any]:
@@ -1104,6 +1371,8 @@ async def all_or_nothing(calls: list[Awaitable[Any]]) -> list[Any]:
 
 CONFIG = web.AppKey("config", Config)
 INFINITY = web.AppKey("infinity", Infinity)
+CHECKS = web.AppKey("checks", AnchorChecks)
+TOKENS = web.AppKey("tokens", TokenCounter)
 REQUEST_ID = "X-Request-ID"
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
 STATS = web.RequestKey("stats", dict)  # per request: what the log line reports
@@ -1128,15 +1397,21 @@ async def rerank(request: web.Request, shape: AnswerShape, speaks_tei: bool = Fa
     rerank_request = parse_rerank(body, config)
     stats = request[STATS]
     stats["documents"] = len(rerank_request.documents)
-    plan = plan_prompts(rerank_request, config)
+    template = DEFAULT_TEMPLATE
+    plan = plan_prompts(rerank_request, config, request.app[TOKENS], template)
     request.app[ADMISSION].take(stats, PROMPT_BYTES * len(plan.unique_texts))  # before their bodies are built
-    calls = classify_bodies(rerank_request.model, plan, config.batch_size)
+    calls = classify_bodies(rerank_request.model, plan, config.batch_size, template.anchors[0])
     stats["chunks"] = len(plan.unique_texts)
     # All calls start at once: counted here, the log line of a failed request shows them too.
     stats["upstream_calls"] = len(calls)
+    headers = upstream_headers(request)
     try:
         async with deadline_in(config.timeout):  # in the request's own task: asyncio.wait_for would start one more
-            prompt_scores, tokens = await request.app[INFINITY].classify_all(calls, upstream_headers(request))
+            anchor = await request.app[CHECKS].anchor_for(rerank_request.model, template, headers)
+            if anchor != template.anchors[0]:  # a model that pads with another token
+                calls = classify_bodies(rerank_request.model, plan, config.batch_size, anchor)
+            prompt_scores, tokens = await request.app[INFINITY].classify_all(
+                calls, headers, config.positive_label or template.positive_label)
     except asyncio.TimeoutError:
         raise RerankError(504, f"the rerank request did not finish within --timeout ({config.timeout:g} s); "
                           "Infinity is slow or overloaded") from None
@@ -1155,13 +1430,20 @@ async def rerank_cohere_v2_shape(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "upstream": await request.app[INFINITY].health(LIVENESS_PROBE_SECONDS)})
+    """Liveness, and what the self-check found for each model used so far."""
+    upstream = await request.app[INFINITY].health(LIVENESS_PROBE_SECONDS)
+    return web.json_response({"status": "ok", "upstream": upstream, "models": request.app[CHECKS].reports()})
 
 
 async def ready(request: web.Request) -> web.Response:
+    started = time.monotonic()
     upstream = await request.app[INFINITY].health(READINESS_PROBE_SECONDS)
     if upstream != "ok":
         raise RerankError(503, f"not ready: Infinity is not answering ({upstream})")
+    # The self-check of --model, once: within what is left of the probe's time, and never a reason for 503.
+    remaining = READINESS_PROBE_SECONDS - (time.monotonic() - started)
+    if remaining > 0:
+        await request.app[CHECKS].ready_check(request.app[CONFIG].model, DEFAULT_TEMPLATE, remaining)
     return web.json_response({"status": "ready"})
 
 
@@ -1198,7 +1480,10 @@ async def read_counted(request: web.Request, max_body_size: int) -> bytes:
 
 
 async def info(request: web.Request) -> web.Response:
-    return web.json_response(tei_info(request.app[CONFIG]))
+    config, checks = request.app[CONFIG], request.app[CHECKS]
+    served = checks.served[0] if checks.served else []
+    check = checks.done.get(served[0] if len(served) == 1 else config.model)
+    return web.json_response(tei_info(config, DEFAULT_TEMPLATE, check))
 
 
 async def models(request: web.Request) -> web.Response:
@@ -1354,6 +1639,9 @@ class Metrics:
         prometheus_client.Gauge(
             "rerank_proxy_requests_in_progress", "Requests admitted and not yet answered", registry=registry,
         ).set_function(requests_in_progress)
+        self.template_check = prometheus_client.Gauge(
+            "rerank_proxy_template_check", "1 when the served model skips the prompt's pad anchor (its scores are "
+            "its authors'), 0 when it reads it (README, Fidelity)", ("model", "template"), registry=registry)
         self.rejected = prometheus_client.Counter(
             "rerank_proxy_rejected", "Requests refused or cut off: overloaded, client_timeout, too_large",
             ("reason",), registry=registry)
@@ -1505,6 +1793,8 @@ def make_app(config: Config) -> web.Application:
     admission = app[ADMISSION] = Admission(config)
     metrics = app[METRICS] = Metrics(lambda: admission.requests)
     infinity = app[INFINITY] = Infinity(config, metrics)
+    app[CHECKS] = AnchorChecks(infinity, metrics)
+    app[TOKENS] = TokenCounter.from_file(config.tokenizer)
 
     async def upstream_session(app: web.Application) -> AsyncIterator[None]:
         # One shared session for the app's lifetime: opened before the first request, closed last.

@@ -85,8 +85,8 @@ def test_prompt_with_instruction_has_instruction_line_before_query() -> None:
 async def test_upstream_receives_the_exact_prompts(client: Any, fake_infinity: Any) -> None:
     status, _ = await rerank(client, {"query": QUERY, "documents": DOCUMENTS})
     assert status == 200
-    assert fake_infinity.inputs == [proxy.prompt_for(QUERY, d) for d in DOCUMENTS]
-    assert fake_infinity.inputs[2] == EXPECTED_PROMPT
+    assert fake_infinity.inputs == [proxy.classify_input(QUERY, d) for d in DOCUMENTS]
+    assert fake_infinity.inputs[2] == EXPECTED_PROMPT + "<|endoftext|>"
     assert fake_infinity.classify_bodies[0]["model"] == SERVED_MODEL
 
 
@@ -95,8 +95,8 @@ async def test_upstream_receives_instruction_from_request_or_default(make_proxy:
     await rerank(client, {"query": "q", "documents": ["d"]})
     await rerank(client, {"query": "q", "documents": ["d"], "instruction": "Own instruction"})
     await rerank(client, {"query": "q", "documents": ["d"], "instruction": ""})
-    assert fake_infinity.inputs == [proxy.prompt_for("q", "d", "Default instruction"),
-                                    proxy.prompt_for("q", "d", "Own instruction"), proxy.prompt_for("q", "d")]
+    assert fake_infinity.inputs == [proxy.classify_input("q", "d", "Default instruction"),
+                                    proxy.classify_input("q", "d", "Own instruction"), proxy.classify_input("q", "d")]
 
 
 @pytest.mark.parametrize("text", ['quote " and \\ backslash', "line\nbreak\ttab", "unicode é 漢字 🦀", "nul \x00 char",
@@ -106,13 +106,13 @@ def test_hand_written_classify_body_is_the_json_of_the_prompts(text: str) -> Non
     plan = proxy.plan_prompts(request, proxy.Config())
     [(body, inputs)] = proxy.classify_bodies("m", plan, 256)
     assert inputs == 2
-    assert json.loads(body) == {"model": "m", "input": [proxy.prompt_for(text, text, text),
-                                                       proxy.prompt_for(text, "x", text)]}
+    assert json.loads(body) == {"model": "m", "input": [proxy.classify_input(text, text, text),
+                                                       proxy.classify_input(text, "x", text)]}
 
 
 async def test_text_goes_into_the_prompt_verbatim_without_stripping(client: Any, fake_infinity: Any) -> None:
     await rerank(client, {"query": "  padded query \n", "documents": ["\tpadded doc  "]})
-    assert fake_infinity.classify_bodies[0]["input"] == [proxy.prompt_for("  padded query \n", "\tpadded doc  ")]
+    assert fake_infinity.classify_bodies[0]["input"] == [proxy.classify_input("  padded query \n", "\tpadded doc  ")]
 
 
 async def test_blank_documents_are_scored_and_never_sent_as_empty_input(client: Any, fake_infinity: Any) -> None:
@@ -274,14 +274,14 @@ async def test_rank_fields_score_field_lines_in_the_given_order(client: Any, fak
     status, answer = await rerank(client, {"query": "q", "documents": documents,
                                            "rank_fields": ["title", "body", "tags"], "return_documents": True})
     assert status == 200
-    assert [document_in(p.strip()) for p in fake_infinity.inputs] == [
+    assert [document_in(p) for p in fake_infinity.inputs] == [
         'title: Paris\nbody: Capital of France\ntags: ["a","b"]', "body: only body", "a string document"]
     assert {r["index"]: r["document"] for r in answer["results"]}[0] == documents[0]
 
 
 async def test_rank_fields_empty_list_is_the_same_as_absent(client: Any, fake_infinity: Any) -> None:
     await rerank(client, {"query": "q", "documents": [{"text": "t", "title": "x"}], "rank_fields": []})
-    assert document_in(fake_infinity.inputs[0].strip()) == "t"
+    assert document_in(fake_infinity.inputs[0]) == "t"
 
 
 async def test_rank_fields_document_with_none_of_them_is_400_naming_it(client: Any) -> None:
@@ -325,7 +325,7 @@ async def test_long_document_scores_as_its_best_chunk(make_proxy: Any, fake_infi
     fake_infinity.score = lambda prompt: 0.95 if "best" in prompt else 0.25
     status, answer = await rerank(client, {"query": "q", "documents": ["short", long_doc]})
     assert status == 200
-    assert [document_in(p.strip()) for p in fake_infinity.inputs] == [
+    assert [document_in(p) for p in fake_infinity.inputs] == [
         "short", "x" * 100, "best" + "y" * 96, "z" * 50]
     assert answer["results"][0] == {"relevance_score": 0.95, "index": 1, "document": None}
 
@@ -339,7 +339,7 @@ async def test_no_prompt_exceeds_infinity_limit_or_loses_its_suffix(client: Any,
     assert fake_infinity.inputs
     for prompt in fake_infinity.inputs:
         assert len(prompt) <= 122_880
-        assert prompt.endswith(proxy.PROMPT_TAIL)
+        assert prompt.endswith(proxy.DEFAULT_TEMPLATE.tail + proxy.PAD_ANCHOR)
     # Each document gave at most --max-chunks-per-doc (10) chunks of at most --max-doc-chars (8000).
     assert len(fake_infinity.inputs) == 20
 
@@ -347,24 +347,24 @@ async def test_no_prompt_exceeds_infinity_limit_or_loses_its_suffix(client: Any,
 async def test_max_chunks_per_doc_from_request_bounds_chunks(make_proxy: Any, fake_infinity: Any) -> None:
     client = await make_proxy(max_doc_chars=10)
     await rerank(client, {"query": "q", "documents": ["a" * 10 + "b" * 10 + "c" * 10], "max_chunks_per_doc": 2})
-    assert [document_in(p.strip()) for p in fake_infinity.inputs] == ["a" * 10, "b" * 10]
+    assert [document_in(p) for p in fake_infinity.inputs] == ["a" * 10, "b" * 10]
 
 
 async def test_max_tokens_per_doc_cuts_documents_to_three_characters_a_token(client: Any, fake_infinity: Any) -> None:
     await rerank(client, {"query": "q", "documents": ["abcdefghijklmnop"], "max_tokens_per_doc": 4})
-    assert document_in(fake_infinity.inputs[0].strip()) == "abcdefghijkl"
+    assert document_in(fake_infinity.inputs[0]) == "abcdefghijkl"
 
 
 async def test_max_tokens_per_doc_cuts_before_chunking(make_proxy: Any, fake_infinity: Any) -> None:
     client = await make_proxy(max_doc_chars=10)
     await rerank(client, {"query": "q", "documents": ["a" * 10 + "b" * 10 + "c" * 10], "max_tokens_per_doc": 4})
-    assert [document_in(p.strip()) for p in fake_infinity.inputs] == ["a" * 10, "bb"]
+    assert [document_in(p) for p in fake_infinity.inputs] == ["a" * 10, "bb"]
 
 
 async def test_query_is_cut_to_max_query_chars(make_proxy: Any, fake_infinity: Any) -> None:
     client = await make_proxy(max_query_chars=5)
     await rerank(client, {"query": "0123456789", "documents": ["d"]})
-    assert fake_infinity.inputs == [proxy.prompt_for("01234", "d")]
+    assert fake_infinity.inputs == [proxy.classify_input("01234", "d")]
 
 
 async def test_instruction_longer_than_max_query_chars_is_400(make_proxy: Any) -> None:
@@ -376,9 +376,9 @@ async def test_instruction_longer_than_max_query_chars_is_400(make_proxy: Any) -
 async def test_identical_prompts_are_sent_once_and_share_their_score(client: Any, fake_infinity: Any) -> None:
     status, answer = await rerank(client, {"query": "q", "documents": ["same", "other", "same", {"text": "same"}]})
     assert status == 200
-    assert [document_in(p.strip()) for p in fake_infinity.inputs] == ["same", "other"]
+    assert [document_in(p) for p in fake_infinity.inputs] == ["same", "other"]
     scores = {r["index"]: r["relevance_score"] for r in answer["results"]}
-    assert scores[0] == scores[2] == scores[3] == hashed_probability(proxy.prompt_for("q", "same").strip())
+    assert scores[0] == scores[2] == scores[3] == hashed_probability(proxy.prompt_for("q", "same"))
 
 
 async def test_more_documents_than_batch_size_go_in_several_calls_in_order(make_proxy: Any, fake_infinity: Any) -> None:
@@ -387,7 +387,7 @@ async def test_more_documents_than_batch_size_go_in_several_calls_in_order(make_
     status, answer = await rerank(client, {"query": "q", "documents": documents})
     assert status == 200
     assert [len(b["input"]) for b in fake_infinity.classify_bodies] == [3, 3, 3, 1]
-    expected = {i: hashed_probability(proxy.prompt_for("q", d).strip()) for i, d in enumerate(documents)}
+    expected = {i: hashed_probability(proxy.prompt_for("q", d)) for i, d in enumerate(documents)}
     assert {r["index"]: r["relevance_score"] for r in answer["results"]} == expected
 
 
@@ -397,7 +397,7 @@ async def test_more_documents_than_infinity_accepts_in_one_call(make_proxy: Any,
     status, answer = await rerank(client, {"query": "q", "documents": documents, "top_n": 3})
     assert status == 200
     assert sorted(len(b["input"]) for b in fake_infinity.classify_bodies) == [904, 2048, 2048]
-    expected = sorted(range(5000), key=lambda i: (-hashed_probability(proxy.prompt_for("q", documents[i]).strip()), i))
+    expected = sorted(range(5000), key=lambda i: (-hashed_probability(proxy.prompt_for("q", documents[i])), i))
     assert [r["index"] for r in answer["results"]] == expected[:3]
 
 
@@ -513,7 +513,7 @@ async def test_tei_texts_get_a_bare_list_of_every_text_best_first_ties_lower_ind
     assert status == 200
     assert answer == [{"index": 4, "score": 0.9}, {"index": 1, "score": 0.7}, {"index": 3, "score": 0.7},
                       {"index": 0, "score": 0.3}, {"index": 2, "score": 0.3}]
-    assert fake_infinity.inputs == [proxy.prompt_for("q", t) for t in "abcde"]
+    assert fake_infinity.inputs == [proxy.classify_input("q", t) for t in "abcde"]
 
 
 async def test_tei_return_text_adds_each_text_as_given(client: Any, fake_infinity: Any) -> None:
@@ -541,10 +541,10 @@ async def test_tei_truncate_and_direction_in_any_case_are_accepted_and_long_text
     body = {"query": "q", "texts": ["short", long_text], "truncate": truncate, "truncation_direction": direction}
     status, answer = await rerank(client, body)
     assert status == 200
-    assert fake_infinity.inputs == [proxy.prompt_for("q", chunk) for chunk in
+    assert fake_infinity.inputs == [proxy.classify_input("q", chunk) for chunk in
                                     ["short", *proxy.chunks_of(long_text, 100, 10)]]
     assert len(fake_infinity.inputs) == 4
-    chunk_scores = [hashed_probability(p.strip()) for p in fake_infinity.inputs]
+    chunk_scores = [hashed_probability(p.removesuffix(proxy.PAD_ANCHOR)) for p in fake_infinity.inputs]
     assert {r["index"]: r["score"] for r in answer} == {0: chunk_scores[0], 1: max(chunk_scores[1:])}
 
 
@@ -565,7 +565,7 @@ async def test_tei_model_and_instruction_are_used_as_for_documents(client: Any, 
     status, _ = await rerank(client, {"query": "q", "texts": ["a"], "model": "m", "instruction": "Find it"})
     assert status == 200
     assert fake_infinity.classify_bodies[0]["model"] == "m"
-    assert fake_infinity.inputs == [proxy.prompt_for("q", "a", "Find it")]
+    assert fake_infinity.inputs == [proxy.classify_input("q", "a", "Find it")]
 
 
 async def test_tei_empty_texts_answer_an_empty_list_without_calling_infinity(client: Any, fake_infinity: Any) -> None:
@@ -994,7 +994,7 @@ async def test_forwarded_call_with_a_blank_input_is_400_and_not_sent(
 
 async def test_health_is_ok_and_says_infinity_answers(client: Any) -> None:
     response = await client.get("/health")
-    assert (response.status, await response.json()) == (200, {"status": "ok", "upstream": "ok"})
+    assert (response.status, await response.json()) == (200, {"status": "ok", "upstream": "ok", "models": {}})
 
 
 async def test_health_is_200_and_says_why_when_infinity_is_down(make_proxy: Any,
@@ -1053,7 +1053,8 @@ def test_defaults_are_the_contracts() -> None:
         "0.0.0.0", 8002, "http://localhost:7997/v1", SERVED_MODEL)
     assert (config.timeout, config.max_documents, config.max_body_size) == (60.0, 10_000, 32 * 1024 * 1024)
     assert (config.max_query_chars, config.max_doc_chars, config.max_chunks_per_doc) == (4000, 8000, 10)
-    assert (config.positive_label, config.instruction, config.api_key) == ("1", "", "")
+    assert (config.positive_label or proxy.DEFAULT_TEMPLATE.positive_label, config.instruction, config.api_key) == (
+        "1", "", "")
     assert 1 <= config.batch_size <= 2048 and config.max_concurrency >= 32
 
 

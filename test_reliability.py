@@ -96,7 +96,7 @@ async def post(client: Any, body: Any, path: str = "/v1/rerank") -> Answer:
 
 def expected_scores(query: str, documents: list[str], instruction: str = "") -> list[float]:
     """What the fake scores for each document's prompt (it strips the prompt, as Infinity does)."""
-    return [hashed_probability(proxy.prompt_for(query, document, instruction).strip()) for document in documents]
+    return [hashed_probability(proxy.prompt_for(query, document, instruction)) for document in documents]
 
 
 def assert_ranked(answer: Answer, body: dict[str, Any]) -> None:
@@ -640,7 +640,7 @@ def expected_results(body: dict[str, Any], config: Any) -> list[tuple[int, float
             text = document["text"]
         if body.get("max_tokens_per_doc") is not None:
             text = text[: 3 * body["max_tokens_per_doc"]]
-        p1 = hashed_probability(proxy.prompt_for(body["query"][: config.max_query_chars], text, instruction).strip())
+        p1 = hashed_probability(proxy.prompt_for(body["query"][: config.max_query_chars], text, instruction))
         scores.append(proxy.log_odds(p1) if body.get("raw_scores") else p1)
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
     top_n = body.get("top_n")
@@ -769,7 +769,7 @@ async def test_a_huge_query_and_document_cost_bounded_upstream_work(client: Any,
     answer = await post_hostile(client, {"query": "q" * 1_000_000, "documents": [long_text]}, cpu_seconds=5.0)
     assert answer.status == 200, answer.body
     assert len(fake_infinity.inputs) == config.max_chunks_per_doc
-    longest_prompt = proxy.PROMPT_OVERHEAD_CHARS + config.max_query_chars + config.max_doc_chars
+    longest_prompt = proxy.template_overhead_chars(proxy.DEFAULT_TEMPLATE) + config.max_query_chars + config.max_doc_chars
     assert max(len(prompt) for prompt in fake_infinity.inputs) <= longest_prompt
 
 
@@ -844,7 +844,7 @@ async def test_unicode_and_nul_characters_reach_infinity_verbatim_and_are_scored
                           "line\u2028separator", "emoji \U0001f3f3\ufe0f\u200d\U0001f308 zwj", "\ufeffbom"]}
     answer = await post(client, body)
     assert_ranked(answer, body)
-    assert fake_infinity.inputs == [proxy.prompt_for(body["query"], d) for d in body["documents"]]
+    assert fake_infinity.inputs == [proxy.classify_input(body["query"], d) for d in body["documents"]]
 
 
 @pytest.mark.parametrize("query", [" ", "   ", "\t\n ", "\u3000", ""], ids=repr)
