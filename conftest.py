@@ -49,7 +49,7 @@ MAX_INPUT_CHARS = 122_880
 
 
 PAD = "<|endoftext|>"  # the pad token of Qwen's tokenizers, which the fake's model skips
-PROBE_PROMPT = proxy.prompt_for(*proxy.ANCHOR_PROBE)  # the self-check's, answered outside the counts and faults
+PROBE_PROMPT = proxy.prompt_for(*proxy.ANCHOR_PROBE).rstrip()  # the self-check's: answered outside counts and faults
 
 
 def document_in(sent: str) -> str:

@@ -134,11 +134,14 @@ def classify_input(query: str, document: str, instruction: str = "", anchor: str
     return template.prompt(query, document, instruction) + anchor
 
 
-# The self-check (AnchorCheck): one fixed pair scored with one anchor and with two. A model that skips
-# the anchor as padding scores both alike; one that reads it scores them apart by whole units of
-# log-odds (measured on the tiny test models: README, Fidelity). The tolerance holds for fp16 on a GPU:
-# an 11-bit significand leaves about 1e-3 relative error on logits of magnitude up to ~30, some 0.03 on
-# each and twice that on their difference, when the two inputs are padded to different lengths.
+# The self-check (AnchorChecks.check): one fixed prompt, cut before its trailing whitespace so that it ends on
+# a token the model reads, scored bare and followed by the anchor. A model that skips the anchor as padding
+# reads the same token at the same position in both: the same score. One that reads it reads another token
+# (the anchor): another score, apart by whole units of log-odds on the test models (README, Fidelity).
+# Comparing one anchor with two would not do: a model can score a pad token after itself almost as after
+# the prompt. The tolerance holds for fp16 on a GPU: an 11-bit significand leaves about 1e-3 relative error
+# on logits of magnitude up to ~30, some 0.03 on each and twice that on their difference, when the two
+# inputs are padded to different lengths.
 ANCHOR_PROBE = ("What is the boiling point of water at sea level?", "At sea level, water boils at 100 degrees Celsius.")
 ANCHOR_TOLERANCE = 0.1  # log-odds
 
@@ -1262,7 +1265,7 @@ class AnchorCheck:
     model: str
     template: Template
     anchor: str | None  # the first of the template's anchors the model skips as padding; None: none
-    gaps: tuple[float, ...]  # per anchor tried: log-odds of the probe with one anchor less with two
+    gaps: tuple[float, ...]  # per anchor tried: log-odds of the bare probe less those of probe and anchor
 
     @property
     def anchor_to_send(self) -> str:
@@ -1316,19 +1319,19 @@ class AnchorChecks:
         return names[0] if len(names) == 1 else model
 
     async def check(self, model: str, template: Template, headers: dict[str, str]) -> AnchorCheck:
-        """Score the probe with one anchor and with two: a model that skips the anchor scores them alike."""
-        prompt = template.prompt(*ANCHOR_PROBE)
+        """Score the probe bare and followed by each anchor: a model that skips the anchor scores them alike."""
+        probe = template.prompt(*ANCHOR_PROBE).rstrip()
         gaps = []
         for anchor in template.anchors:
-            body = json_dumps({"model": model, "input": [prompt + anchor, prompt + anchor + anchor]})
-            (once, twice), _ = await self.infinity.classify(body, 2, headers, template.positive_label, pooled=False)
-            gaps.append(log_odds(once) - log_odds(twice))
+            body = json_dumps({"model": model, "input": [probe, probe + anchor]})
+            (bare, anchored), _ = await self.infinity.classify(body, 2, headers, template.positive_label, pooled=False)
+            gaps.append(log_odds(bare) - log_odds(anchored))
             if abs(gaps[-1]) <= ANCHOR_TOLERANCE:
                 found = AnchorCheck(model, template, anchor, tuple(gaps))
                 break
         else:
             found = AnchorCheck(model, template, None, tuple(gaps))
-            log.warning("model %r does not skip its pad token after the prompt (log-odds moved by %s with a second "
+            log.warning("model %r does not skip its pad token after the prompt (log-odds moved by %s after the "
                         "anchor %s): every score it gives is off. Set pad_token_id in its config.json to the id of "
                         "%s (README, Fidelity)", model, ", ".join(f"{gap:.3g}" for gap in gaps),
                         " or ".join(template.anchors), template.anchors[0])

@@ -166,11 +166,19 @@ def start_infinity(model_dir: Path, port: int, api_key: str | None = None,
                    log_path: Path | None = None) -> subprocess.Popen:
     """`infinity_emb v2` serving `model_dir` on 127.0.0.1:`port` under /v1, on the CPU. Its output goes
     to `log_path` (default: beside the model directory)."""
-    command = [infinity_command(), "v2", "--model-id", str(model_dir), "--port", str(port), "--host", "127.0.0.1",
-               "--url-prefix", "/v1", "--engine", "torch", "--device", "cpu", "--batch-size", "8"]
-    if api_key:
-        command += ["--api-key", api_key]
+    options = ["--batch-size", "8", *(["--api-key", api_key] if api_key else [])]
     log_path = log_path or Path(model_dir).parent / f"infinity-{port}.log"
+    return start_infinity_serving([(model_dir, None)], port, log_path, *options)
+
+
+def start_infinity_serving(models: list[tuple[Path, str | None]], port: int, log_path: Path,
+                           *options: str) -> subprocess.Popen:
+    """`infinity_emb v2` serving each (directory, served name) on 127.0.0.1:`port` under /v1, on the CPU.
+    A served name of None keeps Infinity's own (the last two parts of the path)."""
+    command = [infinity_command(), "v2", "--port", str(port), "--host", "127.0.0.1", "--url-prefix", "/v1",
+               "--engine", "torch", "--device", "cpu", *options]
+    for model_dir, name in models:
+        command += ["--model-id", str(model_dir), *(["--served-model-name", name] if name else [])]
     return LoggedProcess(command, log_path, subprocess_env())
 
 

@@ -1,0 +1,536 @@
+"""The fidelity tier: the proxy's scores, through a real Infinity, are mixedbread's own.
+
+The reference is mixedbread's library, `mxbai-rerank` (`MxbaiRerankV2`), scoring a tiny causal
+`Qwen2ForCausalLM` built offline here with a Qwen2-like tokenizer (Qwen2's own pre-tokenizer pattern,
+NFC, `<|im_start|>`, `<|im_end|>`, `<|endoftext|>`). Infinity serves that model's two-label conversion,
+made by `scripts/convert_causal_to_seq.py` as a user makes it, at Infinity's default batch size and with
+`--batch-size 1`; the proxy runs as a user starts it. Nothing here uses the proxy's own prompt code for
+an expected score: the library builds its prompts, tokenizes them and reads its logits itself.
+
+The library tokenizes the query part and the document part on their own; Infinity tokenizes the whole
+prompt. Where a part ends in punctuation or whitespace, its last piece merges with the template's newline
+(`?\\n`, `.\\n`, ` \\n`), and no text a proxy can send gives the library's token ids. Such pairs are listed
+here (BOUNDARY), and held to the model's own score of the whole prompt as the library writes it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib.util
+import json
+import math
+import random
+import re
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import LOCAL_HTTP, ROOT, proxy
+from test_e2e import (
+    CALL_SECONDS,
+    SERVER_START_SECONDS,
+    Server,
+    http_json,
+    offline_tier,
+    ready_on_a_free_port,
+    running_proxy,
+    sigmoid,
+    start_infinity_serving,
+    stop,
+    subprocess_env,
+)
+
+pytestmark = pytest.mark.e2e
+
+PACKAGES = ("torch", "transformers", "tokenizers", "infinity_emb", "mxbai_rerank", "accelerate", "batched")
+MISSING_PACKAGES = [name for name in PACKAGES if importlib.util.find_spec(name) is None]
+
+PROBABILITY_TOLERANCE = 1e-4  # relevance_score against sigmoid(the library's score)
+LOG_ODDS_TOLERANCE = 1e-3  # raw_scores against the library's score, where a float32 probability can carry it
+EOT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+CONTEXT_TOKENS = 8192  # mxbai-rerank-v2's, and the tiny model's
+SEQ, SEQ_IM_END, SEQ_NO_PAD = "tiny-mxbai-seq", "tiny-mxbai-seq-imend", "tiny-mxbai-seq-nopad"
+
+# --------------------------------------------------------------------------------------------
+# What the tests send. Realistic queries and passages; then the hard ones.
+# --------------------------------------------------------------------------------------------
+
+QUERIES = [
+    "what is the capital of france",
+    "how do vaccines train the immune system",
+    "best time of year to visit kyoto",
+    "python asyncio timeout example",
+    "side effects of ibuprofen",
+    "who wrote the brothers karamazov",
+]
+PASSAGES = [
+    "Paris is the capital and most populous city of France",
+    "Vaccines expose the immune system to a harmless piece of a pathogen so it learns to recognise it",
+    "Kyoto is famous for its cherry blossoms in spring and its red maple leaves in autumn",
+    "asyncio.timeout is an asynchronous context manager that cancels the block when time runs out",
+    "Common side effects of ibuprofen include stomach pain, heartburn and nausea",
+    "The Brothers Karamazov is the final novel by the Russian author Fyodor Dostoevsky",
+    "Berlin is the capital of Germany and its largest city",
+    "The Rhine flows through six countries before it reaches the North Sea",
+    "A sourdough starter is a live culture of flour and water",
+    "Tokyo has hot humid summers and mild winters with little snow",
+]
+INSTRUCTION = "Prefer passages that name a city"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    query: str
+    document: str
+    boundary: bool  # the library's token ids cannot be sent as text (see the module's docstring)
+
+
+# Hard text. `boundary` is what the test measures and asserts: it is declared here so that the list of
+# pairs held to the whole prompt's score is written down, not found at run time.
+HARD_CASES = [
+    Case("plain", "capital of france", "Paris is the capital of France", False),
+    Case("query ends with ?", "what is the capital of france?", "Paris is the capital of France", True),
+    Case("document ends with .", "capital of france", "Paris is the capital of France.", True),
+    Case("both end with punctuation", "capital of france?", "Paris is the capital of France.", True),
+    Case("whitespace at both ends of the document", "capital of france", "  Paris is the capital  ", True),
+    Case("whitespace at both ends of the query", "  capital of france  ", "Paris is the capital", True),
+    Case("document ends with a newline", "capital of france", "Paris\nis the capital\n", True),
+    Case("empty document", "capital of france", "", True),
+    Case("blank document", "capital of france", "   ", True),
+    Case("CJK", "東京の天気", "東京は晴れ、気温は二十度です", False),
+    Case("emoji", "🙂 weather in tokyo", "sunny 🌞 in tokyo all week", False),
+    Case("query ends with an emoji", "weather in tokyo 🙂", "sunny in tokyo all week", True),
+    Case("combining marks", "cafe\u0301 in ko\u0308ln", "the cafe\u0301 by the cathedral in ko\u0308ln", False),
+    Case("JSON", 'find {"city": "paris"}', '{"city": "paris", "country": "france", "population": 2102650}', True),
+    Case("braces", "format {query} and {document}", "use {0} and {1}, or {name}", True),
+    Case("chat tokens as text", "what ends a turn", f"the token {IM_END} ends a turn and {IM_START} starts one", False),
+]
+BOUNDARY = [case.name for case in HARD_CASES if case.boundary]
+
+
+# --------------------------------------------------------------------------------------------
+# The tiny causal model, its conversions, and mixedbread's library on it.
+# --------------------------------------------------------------------------------------------
+
+
+def tokenizer_corpus(rng: random.Random) -> list[str]:
+    """Text like what the model will see, so that the merges cover the template's words and the newlines
+    that follow punctuation (Qwen2's pattern makes "?\\n" and ".\\n" single pieces)."""
+    from mxbai_rerank import MxbaiRerankV2 as Library
+
+    template = Library.chat_template["prefix"] + Library.task_prompt + Library.chat_template["suffix"]
+    words = " ".join(QUERIES + PASSAGES + [case.query + " " + case.document for case in HARD_CASES]).split()
+    corpus = [template] * 5
+    for _ in range(600):
+        line = " ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))
+        ends = rng.choice(["", "?", ".", " ", "}"]), rng.choice(["", ".", "!", "}", "\n", " "])
+        corpus.append(f"query: {line}{ends[0]}\ndocument: {line}{ends[1]}\n")
+    return corpus
+
+
+def build_tiny_causal_reranker(directory: Path, seed: int = 0) -> Path:
+    """A tiny random Qwen2ForCausalLM shaped like mxbai-rerank-v2, with the "0"/"1" rows of its lm_head
+    scaled so that the library's scores spread over about -6..+6 (saturated probabilities compare nothing)."""
+    import torch
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=[EOT, IM_START, IM_END],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(tokenizer_corpus(random.Random(seed)), trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=IM_END, pad_token=EOT,
+                                        additional_special_tokens=[IM_START, IM_END], model_max_length=CONTEXT_TOKENS)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT_TOKENS,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+        torch_dtype="float32", initializer_range=0.05,
+    )
+    with torch.random.fork_rng(devices=[]):  # seeds this model without reseeding the caller's RNG
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config).eval()
+    spread_answer_rows(model, tokenizer)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(directory)
+    model.save_pretrained(directory)
+    return directory
+
+
+def spread_answer_rows(model: Any, tokenizer: Any, spread: float = 2.5) -> None:
+    """Rescale the "1" - "0" direction of the lm_head so that its scores on realistic prompts have mean 0
+    and standard deviation `spread`: random weights alone give scores within a few tenths of 0."""
+    import torch
+    from mxbai_rerank import MxbaiRerankV2 as Library
+
+    prompts = [Library.chat_template["prefix"] + f"query: {q}\ndocument: {d}\n" + Library.task_prompt
+               + Library.chat_template["suffix"] for q in QUERIES for d in PASSAGES]
+    with torch.no_grad():
+        last = torch.stack([model.model(**tokenizer(p, return_tensors="pt")).last_hidden_state[0, -1] for p in prompts])
+        one, zero = tokenizer.convert_tokens_to_ids("1"), tokenizer.convert_tokens_to_ids("0")
+        rows = model.lm_head.weight
+        middle, difference = (rows[one] + rows[zero]) / 2, rows[one] - rows[zero]
+        scores = last @ difference
+        difference = difference * (spread / scores.std())
+        mean_state = last.mean(0)
+        difference -= (last @ difference).mean() * mean_state / mean_state.dot(mean_state)
+        rows[one], rows[zero] = middle + difference / 2, middle - difference / 2
+
+
+def convert(causal: Path, destination: Path, *flags: str) -> Path:
+    """scripts/convert_causal_to_seq.py, run as a user runs it."""
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_causal_to_seq.py"), str(causal),
+                           str(destination), *flags], env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    return destination
+
+
+@dataclass(frozen=True)
+class Models:
+    causal: Path
+    seq: Path  # pads with <|endoftext|>: the anchor works
+    seq_im_end: Path  # pads with <|im_end|>: the self-check finds that anchor instead
+    seq_no_pad: Path  # no pad token: served only one input at a time, it reads whatever anchor comes last
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fidelity_world() -> Iterator[None]:
+    yield from offline_tier("the fidelity tier", MISSING_PACKAGES, " (mxbai-rerank comes from requirements-fidelity.txt)")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
+    root = tmp_path_factory.mktemp("fidelity")
+    causal = build_tiny_causal_reranker(root / "causal")
+    seq_no_pad = convert(causal, root / "seq-nopad")
+    config_path = seq_no_pad / "config.json"
+    config = json.loads(config_path.read_text())
+    config["pad_token_id"] = None  # what a conversion that never set one leaves
+    config_path.write_text(json.dumps(config))
+    return Models(causal, convert(causal, root / "seq"), convert(causal, root / "seq-imend", "--pad-token", IM_END),
+                  seq_no_pad)
+
+
+class Library:
+    """mixedbread's MxbaiRerankV2 on the causal model, and that model's score of a whole prompt."""
+
+    def __init__(self, causal: Path) -> None:
+        import torch
+        from mxbai_rerank import MxbaiRerankV2
+
+        self.reranker = MxbaiRerankV2(str(causal), device="cpu", torch_dtype=torch.float32)
+
+    def rank(self, query: str, documents: list[str], top_k: int | None = None, instruction: str | None = None
+             ) -> list[tuple[int, float]]:
+        results = self.reranker.rank(query, documents, top_k=top_k or len(documents), return_documents=False,
+                                     instruction=instruction)
+        return [(result.index, result.score) for result in results]
+
+    def scores(self, query: str, documents: list[str], instruction: str | None = None) -> list[float]:
+        return [score for _, score in sorted(self.rank(query, documents, instruction=instruction))]
+
+    def library_ids(self, query: str, document: str, instruction: str | None = None) -> list[int]:
+        inputs = self.reranker.prepare_inputs([query], [document], instruction=instruction)
+        return inputs["input_ids"][0][inputs["attention_mask"][0].bool()].tolist()
+
+    def whole_prompt(self, query: str, document: str, instruction: str | None = None) -> str:
+        """The library's prompt as one string: its own pieces, joined in its own order."""
+        r = self.reranker
+        query_part = r.query_prompt.format(query=query)
+        if instruction:
+            query_part = r.instruction_prompt.format(instruction=instruction) + r.sep + query_part
+        return (r.chat_template["prefix"] + query_part + r.sep + r.doc_prompt.format(document=document) + r.sep
+                + r.task_prompt + r.chat_template["suffix"])
+
+    def whole_ids(self, query: str, document: str, instruction: str | None = None) -> list[int]:
+        return self.reranker.tokenizer(self.whole_prompt(query, document, instruction),
+                                       add_special_tokens=False)["input_ids"]
+
+    def whole_score(self, query: str, document: str, instruction: str | None = None) -> float:
+        """The causal model's score of the whole prompt tokenized at once, as Infinity tokenizes it."""
+        import torch
+
+        ids = torch.tensor([self.whole_ids(query, document, instruction)])
+        with torch.no_grad():
+            return float(self.reranker.forward(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0])
+
+
+@pytest.fixture(scope="module")
+def library(models: Models) -> Library:
+    return Library(models.causal)
+
+
+# --------------------------------------------------------------------------------------------
+# Infinity, twice (its default batch size, and one input at a time), and a proxy in front of each.
+# --------------------------------------------------------------------------------------------
+
+
+def running_infinity(models: list[tuple[Path, str]], logs: Path, name: str, *options: str) -> Iterator[Server]:
+    proc, port = ready_on_a_free_port(
+        lambda port: start_infinity_serving(models, port, logs / f"{name}.log", *options), "/health",
+        SERVER_START_SECONDS)
+    try:
+        yield Server(f"http://127.0.0.1:{port}/v1", proc)
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fidelity-logs")
+
+
+@pytest.fixture(scope="module")
+def batched_infinity(models: Models, logs: Path) -> Iterator[Server]:
+    """Infinity's default batch size (32): concurrent inputs are padded into one batch."""
+    yield from running_infinity([(models.seq, SEQ), (models.seq_im_end, SEQ_IM_END)], logs, "infinity-batched")
+
+
+@pytest.fixture(scope="module")
+def single_infinity(models: Models, logs: Path) -> Iterator[Server]:
+    """--batch-size 1: the only way Infinity can serve a classifier without a pad token."""
+    yield from running_infinity([(models.seq, SEQ), (models.seq_no_pad, SEQ_NO_PAD)], logs, "infinity-single",
+                                "--batch-size", "1")
+
+
+@pytest.fixture(scope="module")
+def batched_proxy(batched_infinity: Server, logs: Path) -> Iterator[Server]:
+    yield from running_proxy(batched_infinity.url, logs, "proxy-batched", "--model", SEQ)
+
+
+@pytest.fixture(scope="module")
+def single_proxy(single_infinity: Server, logs: Path) -> Iterator[Server]:
+    yield from running_proxy(single_infinity.url, logs, "proxy-single", "--model", SEQ)
+
+
+@pytest.fixture(scope="module", params=["batched", "single"])
+def proxy_server(request: pytest.FixtureRequest) -> Server:
+    return request.getfixturevalue(f"{request.param}_proxy")
+
+
+def log_odds_approx(score: float) -> Any:
+    """The library's score as raw_scores can give it back. Infinity answers a float32 probability p, and
+    the proxy's log-odds come from p: near p = 1, p's own rounding (2**-24) moves them by up to
+    2**-24 / (p (1 - p)), which passes 1e-3 above a score of about +9 (README, Fidelity)."""
+    p = sigmoid(score)
+    return pytest.approx(score, abs=LOG_ODDS_TOLERANCE + 2**-24 / (p * (1 - p)))
+
+
+def post(server: Server, path: str, body: dict[str, Any]) -> Any:
+    status, answer = http_json("POST", server.url + path, body)
+    assert status == 200, answer
+    return answer
+
+
+def scores_by_index(answer: Any) -> dict[int, float]:
+    """The index -> score of any shape: Infinity's and Cohere's results, or TEI's bare list."""
+    results = answer if isinstance(answer, list) else answer["results"]
+    return {r["index"]: r["score"] if "score" in r else r["relevance_score"] for r in results}
+
+
+def order_of(answer: Any) -> list[int]:
+    return [r["index"] for r in (answer if isinstance(answer, list) else answer["results"])]
+
+
+ROUTES = [("/v1/rerank", "documents"), ("/v2/rerank", "documents"), ("/rerank", "documents"), ("/rerank", "texts")]
+
+
+def rerank_body(field: str, query: str, documents: list[str], **extra: Any) -> dict[str, Any]:
+    return {"query": query, field: documents, **extra}
+
+
+# --------------------------------------------------------------------------------------------
+# The scores are the library's.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("path", "field"), ROUTES)
+def test_relevance_is_the_sigmoid_of_the_librarys_score_in_its_order(
+        proxy_server: Server, library: Library, path: str, field: str) -> None:
+    for query in QUERIES:
+        answer = post(proxy_server, path, rerank_body(field, query, PASSAGES))
+        expected = library.rank(query, PASSAGES)
+        got = scores_by_index(answer)
+        assert order_of(answer) == [index for index, _ in expected], query
+        for index, score in expected:
+            assert got[index] == pytest.approx(sigmoid(score), abs=PROBABILITY_TOLERANCE), (query, index)
+    assert max(score for _, score in expected) - min(score for _, score in expected) > 2  # not saturated, not flat
+
+
+@pytest.mark.parametrize(("path", "field"), ROUTES)
+def test_raw_scores_are_the_librarys_score(proxy_server: Server, library: Library, path: str, field: str) -> None:
+    query = QUERIES[1]
+    answer = post(proxy_server, path, rerank_body(field, query, PASSAGES, raw_scores=True))
+    got = scores_by_index(answer)
+    for index, score in library.rank(query, PASSAGES):
+        assert got[index] == log_odds_approx(score)
+
+
+@pytest.mark.parametrize("path", ["/v1/rerank", "/v2/rerank"])
+@pytest.mark.parametrize("top_n", [1, 3])
+def test_top_n_is_the_librarys_top_k(proxy_server: Server, library: Library, path: str, top_n: int) -> None:
+    answer = post(proxy_server, path, {"query": QUERIES[2], "documents": PASSAGES, "top_n": top_n})
+    expected = library.rank(QUERIES[2], PASSAGES, top_k=top_n)
+    assert [(r["index"], r["relevance_score"]) for r in answer["results"]] == [
+        (index, pytest.approx(sigmoid(score), abs=PROBABILITY_TOLERANCE)) for index, score in expected]
+
+
+@pytest.mark.parametrize(("path", "field"), ROUTES)
+def test_the_instruction_is_the_librarys_instruction(proxy_server: Server, library: Library, path: str,
+                                                     field: str) -> None:
+    query = QUERIES[0]
+    answer = post(proxy_server, path, rerank_body(field, query, PASSAGES, instruction=INSTRUCTION))
+    got = scores_by_index(answer)
+    with_it, without = library.scores(query, PASSAGES, INSTRUCTION), library.scores(query, PASSAGES)
+    for index in range(len(PASSAGES)):
+        assert got[index] == pytest.approx(sigmoid(with_it[index]), abs=PROBABILITY_TOLERANCE)
+    assert max(abs(a - b) for a, b in zip(with_it, without)) > 10 * LOG_ODDS_TOLERANCE  # the line matters
+
+
+def test_the_boundary_pairs_are_exactly_the_listed_ones(library: Library) -> None:
+    """The tokenization boundary, measured: which hard pairs the library tokenizes differently from the
+    whole prompt. Every other pair's ids are the library's to the token."""
+    measured = [case.name for case in HARD_CASES
+                if library.library_ids(case.query, case.document) != library.whole_ids(case.query, case.document)]
+    assert measured == BOUNDARY
+
+
+@pytest.mark.parametrize("case", HARD_CASES, ids=lambda case: case.name)
+def test_hard_text_scores_as_the_library_or_across_the_boundary_as_the_whole_prompt(
+        proxy_server: Server, library: Library, case: Case) -> None:
+    documents = [case.document, PASSAGES[0]]
+    for path, field in ROUTES:
+        got = scores_by_index(post(proxy_server, path, rerank_body(field, case.query, documents, raw_scores=True)))
+        whole = library.whole_score(case.query, case.document)
+        assert got[0] == log_odds_approx(whole), path  # the model, on what Infinity receives
+        if not case.boundary:
+            assert got[0] == log_odds_approx(library.scores(case.query, documents)[0]), path
+
+
+def test_two_hundred_documents_in_one_request_score_as_the_library(proxy_server: Server, library: Library) -> None:
+    rng = random.Random(7)
+    words = " ".join(PASSAGES).split()  # some end in "," or carry a "." : those documents cross the boundary
+    documents = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 30))) for _ in range(200)]
+    answer = post(proxy_server, "/v1/rerank", {"query": QUERIES[0], "documents": documents, "raw_scores": True})
+    expected = library.rank(QUERIES[0], documents)
+    got = scores_by_index(answer)
+    assert len(got) == 200
+    across = {i for i, d in enumerate(documents) if library.library_ids(QUERIES[0], d) != library.whole_ids(QUERIES[0], d)}
+    assert across == {i for i, d in enumerate(documents) if not d[-1].isalnum()}  # the boundary, and only there
+    for index, score in expected:
+        reference = library.whole_score(QUERIES[0], documents[index]) if index in across else score
+        assert got[index] == log_odds_approx(reference), index
+    same = [index for index, _ in expected if index not in across]
+    assert [index for index in order_of(answer) if index not in across] == same or min(
+        abs(got[a] - got[b]) for a, b in zip(same, same[1:])) < 2 * LOG_ODDS_TOLERANCE  # a near-tie may swap
+
+
+def test_concurrent_requests_that_infinity_batches_together_score_as_the_library(
+        batched_proxy: Server, library: Library) -> None:
+    bodies = [{"query": query, "documents": PASSAGES[i % 3:], "raw_scores": True} for i, query in enumerate(QUERIES * 2)]
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda body: post(batched_proxy, "/v2/rerank", body), bodies))
+    for body, answer in zip(bodies, answers):
+        got = scores_by_index(answer)
+        for index, score in library.rank(body["query"], body["documents"]):
+            assert got[index] == log_odds_approx(score)
+
+
+# --------------------------------------------------------------------------------------------
+# The self-check: the anchor a model skips, found; a model that skips none, reported.
+# --------------------------------------------------------------------------------------------
+
+
+def get_json(url: str) -> Any:
+    status, answer = http_json("GET", url)
+    assert status == 200, answer
+    return answer
+
+
+def test_a_model_that_pads_with_endoftext_is_checked_ok(batched_proxy: Server) -> None:
+    post(batched_proxy, "/v1/rerank", {"query": "q", "documents": ["d"], "model": SEQ})
+    report = get_json(batched_proxy.url + "/health")["models"][SEQ]
+    assert report == {"template": "mxbai-rerank-v2", "anchor": EOT, "template_check": "ok"}
+
+
+def test_a_model_that_pads_with_another_token_gets_that_anchor_and_the_librarys_scores(
+        batched_proxy: Server, library: Library) -> None:
+    query = QUERIES[3]
+    answer = post(batched_proxy, "/v1/rerank", {"query": query, "documents": PASSAGES, "model": SEQ_IM_END,
+                                                "raw_scores": True})
+    got = scores_by_index(answer)
+    for index, score in library.rank(query, PASSAGES):
+        assert got[index] == log_odds_approx(score)
+    report = get_json(batched_proxy.url + "/health")["models"][SEQ_IM_END]
+    assert report == {"template": "mxbai-rerank-v2", "anchor": IM_END, "template_check": "ok"}
+    assert metric(batched_proxy, "rerank_proxy_template_check", SEQ_IM_END) == 1.0
+
+
+def metric(server: Server, name: str, model: str) -> float:
+    with LOCAL_HTTP.open(server.url + "/metrics", timeout=CALL_SECONDS) as response:
+        text = response.read().decode()
+    pattern = rf'^{name}\{{model="{re.escape(model)}",template="mxbai-rerank-v2"\}} (\S+)$'
+    (value,) = re.findall(pattern, text, re.MULTILINE)
+    return float(value)
+
+
+@pytest.fixture(scope="module")
+def no_pad_proxy(single_infinity: Server, logs: Path) -> Iterator[Server]:
+    yield from running_proxy(single_infinity.url, logs, "proxy-no-pad", "--model", SEQ_NO_PAD)
+
+
+def test_a_model_without_a_pad_token_is_reported_and_still_served(no_pad_proxy: Server, logs: Path) -> None:
+    # /ready runs the check of --model; the proxy started by running_proxy has answered it already.
+    info = get_json(no_pad_proxy.url + "/info")
+    assert info["template_check"].startswith("failed")
+    assert get_json(no_pad_proxy.url + "/health")["models"][SEQ_NO_PAD]["template_check"].startswith("failed")
+    assert metric(no_pad_proxy, "rerank_proxy_template_check", SEQ_NO_PAD) == 0.0
+    log = (logs / "proxy-no-pad.log").read_text()
+    (warning,) = [line for line in log.splitlines() if " WARNING " in line]
+    assert SEQ_NO_PAD in warning and "pad_token_id" in warning and "config.json" in warning
+    answer = post(no_pad_proxy, "/v1/rerank", {"query": "q", "documents": ["a", "b"]})  # the operator decides
+    assert sorted(order_of(answer)) == [0, 1]
+
+
+# --------------------------------------------------------------------------------------------
+# No prompt outgrows the model: counted by the model's own tokenizer.
+# --------------------------------------------------------------------------------------------
+
+CJK = "東京都は日本の首都であり、世界有数の大都市である。"
+EMOJI = "🌞🙂👩‍👩‍👧‍👦🇯🇵"
+
+
+@pytest.mark.parametrize("tokenizer", [False, True], ids=["utf-8 bound", "--tokenizer"])
+@pytest.mark.parametrize("text", [CJK, EMOJI, "ordinary words and sentences. "], ids=["CJK", "emoji", "ASCII"])
+def test_every_prompt_fits_the_models_context_at_the_defaults(models: Models, tokenizer: bool, text: str) -> None:
+    from transformers import AutoTokenizer
+
+    model_tokenizer = AutoTokenizer.from_pretrained(models.seq)
+    config = proxy.Config(tokenizer=str(models.seq / "tokenizer.json") if tokenizer else "")
+    counter = proxy.TokenCounter.from_file(config.tokenizer)
+    query, document = (text * 4000)[: config.max_query_chars], (text * 8000)[: config.max_doc_chars * 3]
+    for instruction in ("", (text * 100)[:300]):
+        body = {"query": query, "documents": [document, "short"], "instruction": instruction}
+        request = proxy.parse_rerank(body, config)
+        plan = proxy.plan_prompts(request, config, counter)
+        inputs = [text for call, _ in proxy.classify_bodies("m", plan, config.batch_size)
+                  for text in json.loads(call)["input"]]
+        lengths = [len(model_tokenizer(text.strip(), add_special_tokens=False)["input_ids"]) for text in inputs]
+        assert max(lengths) <= CONTEXT_TOKENS
+        assert all(text.endswith(proxy.DEFAULT_TEMPLATE.tail + EOT) for text in inputs)  # nothing cut
+        assert len(inputs) > 2  # the long document was chunked
