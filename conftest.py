@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import importlib.util
+import json
 import os
 import socket
 import sys

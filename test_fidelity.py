@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import importlib.util
+import itertools
 import json
-import math
 import random
 import re
 import subprocess
 import sys
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -399,7 +398,7 @@ def test_the_instruction_is_the_librarys_instruction(proxy_server: Server, libra
     with_it, without = library.scores(query, PASSAGES, INSTRUCTION), library.scores(query, PASSAGES)
     for index in range(len(PASSAGES)):
         assert got[index] == pytest.approx(sigmoid(with_it[index]), abs=PROBABILITY_TOLERANCE)
-    assert max(abs(a - b) for a, b in zip(with_it, without)) > 10 * LOG_ODDS_TOLERANCE  # the line matters
+    assert max(abs(a - b) for a, b in zip(with_it, without, strict=True)) > 10 * LOG_ODDS_TOLERANCE  # the line matters
 
 
 def test_the_boundary_pairs_are_exactly_the_listed_ones(library: Library) -> None:
@@ -437,7 +436,7 @@ def test_two_hundred_documents_in_one_request_score_as_the_library(proxy_server:
         assert got[index] == log_odds_approx(reference), index
     same = [index for index, _ in expected if index not in across]
     assert [index for index in order_of(answer) if index not in across] == same or min(
-        abs(got[a] - got[b]) for a, b in zip(same, same[1:])) < 2 * LOG_ODDS_TOLERANCE  # a near-tie may swap
+        abs(got[a] - got[b]) for a, b in itertools.pairwise(same)) < 2 * LOG_ODDS_TOLERANCE  # a near-tie may swap
 
 
 def test_concurrent_requests_that_infinity_batches_together_score_as_the_library(
@@ -445,7 +444,7 @@ def test_concurrent_requests_that_infinity_batches_together_score_as_the_library
     bodies = [{"query": query, "documents": PASSAGES[i % 3:], "raw_scores": True} for i, query in enumerate(QUERIES * 2)]
     with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
         answers = list(pool.map(lambda body: post(batched_proxy, "/v2/rerank", body), bodies))
-    for body, answer in zip(bodies, answers):
+    for body, answer in zip(bodies, answers, strict=True):
         got = scores_by_index(answer)
         for index, score in library.rank(body["query"], body["documents"]):
             assert got[index] == log_odds_approx(score)
