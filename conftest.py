@@ -72,6 +72,7 @@ class FakeInfinity:
         # not this pad token (None: a model without one reads every token).
         self.pad_token: str | None = PAD
         self.probe_bodies: list[dict[str, Any]] = []  # the proxy's self-checks
+        self.probe_status = 200  # another status: the self-check's calls fail with it
         self.fault: Callable[[web.Request], Awaitable[web.StreamResponse | None]] | None = None
         self.delay = 0.0  # seconds per /classify call, standing in for inference
         self.api_key: str | None = None
@@ -142,6 +143,8 @@ class FakeInfinity:
     async def answer_probe(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.probe_bodies.append(body)
+        if self.probe_status != 200:
+            return web.json_response({"error": {"message": "probe refused"}}, status=self.probe_status)
         scores = [self.score(self.model_reads(text)) for text in body["input"]]
         return web.json_response({"object": "classify", "data": [self.labels(p) for p in scores],
                                   "usage": {"prompt_tokens": 0, "total_tokens": 0}})

@@ -54,6 +54,8 @@ if [ "$dev" = 1 ]; then
     # torch first and on its own, pinned: nothing else may pick a (multi-GB, CUDA) torch for us.
     "${pip[@]}" "$(grep -E '^torch==' requirements-e2e.txt)"
     "${pip[@]}" -r requirements-e2e.txt
+    echo "==> installing the fidelity tier's reference (requirements-fidelity.txt: mixedbread's mxbai-rerank, --no-deps)"
+    "${pip[@]}" --no-deps -r requirements-fidelity.txt
     # litellm[proxy] needs uvicorn>=0.33 and infinity-emb[server] needs uvicorn<0.33: the gateway gets its own venv.
     echo "==> installing the LiteLLM gateway into .venv-gateway (requirements-gateway.txt: litellm[proxy])"
     if [ ! -x .venv-gateway/bin/python ]; then

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 import test_e2e
-from conftest import ROOT, logged_until_now, missing_tier, proxy
+from conftest import ROOT, logged_until_now, missing_tier
 from test_e2e import (
     CALL_SECONDS,
     DOCUMENTS,
@@ -155,7 +155,7 @@ def model_score(logit_margin: Callable[[str], float]) -> Callable[..., float]:
     """The tiny model's own relevance for a query and a text, as transformers computes it."""
 
     def score(text: str, query: str = QUERY, raw: bool = False) -> float:
-        margin = logit_margin(proxy.prompt_for(query, text))
+        margin = logit_margin(test_e2e.library_prompt(query, text))
         return margin if raw else sigmoid(margin)
 
     return score

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import ROOT, free_port, logged_until_now, proxy
+from conftest import ROOT, free_port, logged_until_now
 from test_e2e import (
     DOCUMENTS,
     LOCAL_HTTP,
@@ -38,6 +38,7 @@ from test_e2e import (
     SERVER_START_SECONDS,
     LoggedProcess,
     build_tiny_mxbai_model,
+    library_prompt,
     model_logit_margin,
     offline_tier,
     sigmoid,
@@ -204,7 +205,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def expected(tiny_model: Path) -> dict[str, Any]:
     """The model's own scores for QUERY and DOCUMENTS (run with transformers), and their ranking."""
     margin = model_logit_margin(tiny_model)
-    scores = [sigmoid(margin(proxy.prompt_for(QUERY, document))) for document in DOCUMENTS]
+    scores = [sigmoid(margin(library_prompt(QUERY, document))) for document in DOCUMENTS]
     return {"scores": scores, "order": sorted(range(len(scores)), key=lambda i: (-scores[i], i))}
 
 

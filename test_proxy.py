@@ -1160,3 +1160,121 @@ def test_readme_documents_every_option_and_its_test_command_is_cis() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     assert "./setup.sh --dev" in ci and ".venv/bin/python -m pytest" in ci
     assert "./setup.sh --dev" in readme and ".venv/bin/python -m pytest" in readme
+
+
+# ---------------------------------------------------------------------------------------------
+# The pad anchor and its self-check
+# ---------------------------------------------------------------------------------------------
+
+PROBE = proxy.prompt_for(*proxy.ANCHOR_PROBE).rstrip()
+
+
+async def test_every_input_is_the_prompt_then_the_pad_anchor(client: Any, fake_infinity: Any) -> None:
+    await rerank(client, {"query": "q", "documents": ["a", "b \n"], "instruction": "i"})
+    assert fake_infinity.inputs == [proxy.prompt_for("q", d, "i") + "<|endoftext|>" for d in ("a", "b \n")]
+    # Infinity strips every input: the anchor keeps the prompt's own trailing newline from being cut.
+    assert [text.strip() for text in fake_infinity.inputs] == fake_infinity.inputs
+
+
+async def test_the_self_check_runs_once_per_model_before_its_first_call(client: Any, fake_infinity: Any) -> None:
+    fake_infinity.delay = 0.2  # the first requests arrive together, while the check runs
+    answers = await asyncio.gather(*(rerank(client, {"query": "q", "documents": [str(i)]}) for i in range(5)))
+    assert [status for status, _ in answers] == [200] * 5
+    await rerank(client, {"query": "q", "documents": ["later"]})
+    assert fake_infinity.probe_bodies == [{"model": SERVED_MODEL, "input": [PROBE, PROBE + "<|endoftext|>"]}]
+    assert len(fake_infinity.classify_bodies) == 6
+
+
+async def test_a_model_that_pads_with_another_token_is_sent_the_anchor_it_skips(
+        client: Any, fake_infinity: Any) -> None:
+    fake_infinity.pad_token = "<|im_end|>"
+    status, answer = await rerank(client, {"query": "q", "documents": ["a", "b"], "raw_scores": True})
+    assert status == 200
+    assert fake_infinity.inputs == [proxy.prompt_for("q", d) + "<|im_end|>" for d in ("a", "b")]
+    assert {r["index"]: r["relevance_score"] for r in answer["results"]} == {
+        i: pytest.approx(proxy.log_odds(hashed_probability(proxy.prompt_for("q", d)))) for i, d in enumerate("ab")}
+    assert [body["input"][1] for body in fake_infinity.probe_bodies] == [PROBE + "<|endoftext|>", PROBE + "<|im_end|>"]
+    health = await (await client.get("/health")).json()
+    assert health["models"] == {SERVED_MODEL: {"template": "mxbai-rerank-v2", "anchor": "<|im_end|>",
+                                               "template_check": "ok"}}
+
+
+async def test_a_model_that_skips_no_anchor_is_reported_everywhere_and_still_served(
+        client: Any, fake_infinity: Any, caplog: pytest.LogCaptureFixture) -> None:
+    fake_infinity.pad_token = None
+    # Whatever token the model reads last moves its score: reading an anchor, it scores otherwise than the prompt.
+    fake_infinity.score = lambda text: 0.1 if text.endswith(("<|endoftext|>", "<|im_end|>")) else 0.6
+    with caplog.at_level(logging.INFO, logger="proxy-classifier"):
+        status, _ = await rerank(client, {"query": "q", "documents": ["a"]})
+    assert status == 200  # the operator decides
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert repr(SERVED_MODEL) in warning and "pad_token_id" in warning and "config.json" in warning
+    report = (await (await client.get("/health")).json())["models"][SERVED_MODEL]
+    assert report["template_check"].startswith("failed") and report["anchor"] == "<|endoftext|>"
+    assert (await (await client.get("/info")).json())["template_check"].startswith("failed")
+    metrics = await (await client.get("/metrics")).text()
+    assert f'rerank_proxy_template_check{{model="{SERVED_MODEL}",template="mxbai-rerank-v2"}} 0.0' in metrics
+
+
+async def test_ready_runs_the_self_check_of_the_default_model(client: Any, fake_infinity: Any) -> None:
+    assert (await (await client.get("/info")).json())["template_check"] == "unchecked"
+    assert (await client.get("/ready")).status == 200
+    assert len(fake_infinity.probe_bodies) == 1
+    info = await (await client.get("/info")).json()
+    assert (info["template"], info["anchor"], info["template_check"]) == ("mxbai-rerank-v2", "<|endoftext|>", "ok")
+    assert (await client.get("/ready")).status == 200
+    assert len(fake_infinity.probe_bodies) == 1  # cached
+
+
+async def test_a_self_check_that_infinity_refuses_fails_its_request_and_runs_again_next_time(
+        client: Any, fake_infinity: Any) -> None:
+    fake_infinity.probe_status = 503
+    status, answer = await rerank(client, {"query": "q", "documents": ["a"]})
+    assert status == 502 and "503" in answer["error"]["message"]
+    assert fake_infinity.classify_bodies == []  # no prompt went out with an anchor nobody checked
+    fake_infinity.probe_status = 200
+    assert (await rerank(client, {"query": "q", "documents": ["a"]}))[0] == 200
+    assert len(fake_infinity.probe_bodies) == 2
+
+
+async def test_model_names_that_all_mean_the_one_served_model_are_checked_at_most_twice(
+        client: Any, fake_infinity: Any) -> None:
+    # With one model loaded, Infinity ignores the name: clients' names must not each cost a check.
+    for name in ("first", *(f"alias-{i}" for i in range(10))):
+        assert (await rerank(client, {"query": "q", "documents": ["a"], "model": name}))[0] == 200
+    assert [body["model"] for body in fake_infinity.probe_bodies] == ["first", SERVED_MODEL]
+    assert set((await (await client.get("/health")).json())["models"]) == {"first", SERVED_MODEL}
+
+
+# ---------------------------------------------------------------------------------------------
+# No prompt outgrows the model's context
+# ---------------------------------------------------------------------------------------------
+
+
+def test_without_a_tokenizer_every_prompt_fits_the_context_in_utf8_bytes() -> None:
+    config = proxy.Config()
+    request = proxy.parse_rerank({"query": "東" * 4000, "documents": ["京" * 8000, "ok"]}, config)
+    plan = proxy.plan_prompts(request, config)
+    inputs = [text for body, _ in proxy.classify_bodies("m", plan, 256) for text in json.loads(body)["input"]]
+    # A token of a byte-level BPE holds at least one byte: the bytes bound the tokens, special tokens aside.
+    for text in inputs:
+        special = sum(text.count(token) for token in proxy.DEFAULT_TEMPLATE.special_tokens)
+        stripped = text
+        for token in proxy.DEFAULT_TEMPLATE.special_tokens:
+            stripped = stripped.replace(token, "")
+        assert len(stripped.encode()) + special <= proxy.DEFAULT_TEMPLATE.max_tokens
+    query = inputs[0].split("query: ")[1].split("\ndocument: ")[0]
+    assert 1000 < len(query) < 4000  # cut to three quarters of the context, as mixedbread's library cuts it
+    assert "".join(document_in(text) for text in inputs[:-1]) == "京" * len("".join(
+        document_in(text) for text in inputs[:-1]))  # chunks of the one document, then "ok"
+    assert document_in(inputs[-1]) == "ok"
+
+
+def test_a_tokenizer_file_that_cannot_be_read_stops_the_proxy_at_start(tmp_path: Any,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text("{not json")
+    with pytest.raises(SystemExit) as stopped:
+        proxy.load_config(["--tokenizer", str(bad)], environ={})
+    assert stopped.value.code == 2
+    assert "--tokenizer" in capsys.readouterr().err
