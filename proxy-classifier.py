@@ -159,7 +159,9 @@ READINESS_PROBE_SECONDS = 0.8
 
 @dataclass(frozen=True)
 class Config:
-    host: str = "0.0.0.0"
+    # Loopback unless told otherwise: a proxy with no --api-key must not be open to the network by accident.
+    # The image sets HOST=0.0.0.0, where a container needs it.
+    host: str = "127.0.0.1"
     port: int = 8002
     infinity_url: str = "http://localhost:7997/v1"
     model: str = "michaelfeil/mxbai-rerank-base-v2-seq"
@@ -252,7 +254,7 @@ class Config:
 
 # flag, type, help. The environment variable is the flag upper-cased with underscores.
 OPTIONS: list[tuple[str, type, str]] = [
-    ("--host", str, "address to listen on"),
+    ("--host", str, "address to listen on (0.0.0.0: every interface; then set --api-key)"),
     ("--port", int, "port to listen on"),
     ("--infinity-url", str, "Infinity's base URL including its --url-prefix"),
     ("--model", str, "model name sent to Infinity and echoed when a request names none"),

@@ -18,13 +18,24 @@ import time
 import uuid
 from typing import Any
 
+import psutil
 import pytest
 import yaml
 from aiohttp import web
 from aioresponses import aioresponses
 from yarl import URL
 
-from conftest import LOADED_MACHINE_SLACK, ROOT, SERVED_MODEL, document_in, hashed_probability, proxy
+from conftest import (
+    LOADED_MACHINE_SLACK,
+    ROOT,
+    SERVED_MODEL,
+    document_in,
+    free_port,
+    hashed_probability,
+    listens_on,
+    proxy,
+    tcp_connections,
+)
 
 QUERY = "What is the capital of the United States?"
 DOCUMENTS = [
@@ -1050,7 +1061,7 @@ async def test_local_routes_answer_other_methods_with_405(client: Any, fake_infi
 def test_defaults_are_the_contracts() -> None:
     config = proxy.load_config([], environ={})
     assert (config.host, config.port, config.infinity_url, config.model) == (
-        "0.0.0.0", 8002, "http://localhost:7997/v1", SERVED_MODEL)
+        "127.0.0.1", 8002, "http://localhost:7997/v1", SERVED_MODEL)
     assert (config.timeout, config.max_documents, config.max_body_size) == (60.0, 10_000, 32 * 1024 * 1024)
     assert (config.max_query_chars, config.max_doc_chars, config.max_chunks_per_doc) == (4000, 8000, 10)
     assert (config.positive_label, config.instruction, config.api_key) == ("1", "", "")
@@ -1106,6 +1117,23 @@ def test_bad_option_exits_non_zero_at_start() -> None:
     assert "--batch-size must be at most 2048" in result.stderr
 
 
+def test_run_as_a_script_without_host_the_proxy_listens_on_loopback_only() -> None:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(ROOT / "proxy-classifier.py"), "--port", str(port),
+                                "--infinity-url", "http://127.0.0.1:9/v1"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not listens_on(process.pid, port) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        listening = {c.laddr.ip for c in tcp_connections(psutil.Process(process.pid))
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    finally:
+        process.terminate()
+        process.wait(10)
+    assert listening == {"127.0.0.1"}
+
+
 # ---------------------------------------------------------------------------------------------
 # Packaging: the Dockerfile, the compose file and the README agree with the proxy
 # ---------------------------------------------------------------------------------------------
@@ -1124,6 +1152,7 @@ def test_compose_file_agrees_with_the_proxys_defaults() -> None:
     known = {proxy.env_name(flag) for flag, _, _ in proxy.OPTIONS}
     assert set(environment) <= known, set(environment) - known
     assert environment["INFINITY_URL"] == "http://infinity:7997/v1"
+    assert environment["HOST"] == "0.0.0.0"  # the proxy's own default, 127.0.0.1, is unreachable from the host
     assert any(str(port).endswith(":8002") for port in proxy_service["ports"])
     assert proxy_service["depends_on"]["infinity"]["condition"] == "service_healthy"
     assert "7997/health" in " ".join(infinity["healthcheck"]["test"])
@@ -1141,6 +1170,7 @@ def test_dockerfile_runs_the_proxy_as_non_root_with_a_stdlib_healthcheck() -> No
     assert "os.environ.get('PORT', '8002')" in healthcheck  # it probes the port the proxy listens on
     assert re.search(r'^CMD \["python", "proxy-classifier.py"\]', dockerfile, re.M)
     assert re.search(r"^EXPOSE 8002$", dockerfile, re.M)
+    assert re.search(r"^\s*HOST=0\.0\.0\.0$", dockerfile, re.M)  # a container listens on every interface
     # requirements are installed before the code is copied, so code changes keep the cached layer
     assert dockerfile.index("requirements.txt") < dockerfile.index("COPY proxy-classifier.py")
 
