@@ -331,7 +331,8 @@ class RerankError(Exception):
 
     TYPES: ClassVar[dict[int, str]] = {
         400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-        405: "method_not_allowed", 408: "request_timeout_error", 413: "request_too_large", 429: "rate_limit_error",
+        405: "method_not_allowed", 408: "request_timeout_error", 413: "request_too_large",
+        415: "unsupported_media_type", 429: "rate_limit_error",
         502: "upstream_error", 503: "service_unavailable", 504: "timeout_error",
     }
 
@@ -1109,7 +1110,15 @@ INFINITY = web.AppKey("infinity", Infinity)
 REQUEST_ID = "X-Request-ID"
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
 STATS = web.RequestKey("stats", dict)  # per request: what the log line reports
-_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a short printable token, safe in a log line as it is
+_UNSAFE_IN_LOG = re.compile(r'[\x00-\x20\x7f"\\]')
+
+
+def escaped_for_log(value: str) -> str:
+    """A value taken from a request, made one log token: control characters (a newline would forge a line, ESC a
+    terminal sequence), spaces, quotes and backslashes become \\xNN, and anything outside ASCII a \\u escape."""
+    escaped = _UNSAFE_IN_LOG.sub(lambda match: f"\\x{ord(match.group()):02x}", value)
+    return escaped.encode("ascii", "backslashreplace").decode("ascii")
 
 
 def upstream_headers(request: web.Request) -> dict[str, str]:
@@ -1418,6 +1427,7 @@ async def errors_and_log(request: web.Request, handler: Handler) -> web.StreamRe
             if config.api_key and request.path not in OPEN_PATHS and not bearer_matches(
                     request.headers.get("Authorization"), config.api_key):
                 raise RerankError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+            refuse_encoded_body(request)
             if resource is not None and route not in NEVER_REFUSED:
                 app[ADMISSION].admit(stats, request.content_length)
                 admission = app[ADMISSION]
@@ -1429,29 +1439,52 @@ async def errors_and_log(request: web.Request, handler: Handler) -> web.StreamRe
                 response.headers["Allow"] = exc.headers["Allow"]
             if error.kind in REJECTED_AS:
                 app[METRICS].labelled(app[METRICS].rejected, REJECTED_AS[error.kind]).inc()
-            if error.status == 408:
-                response.force_close()  # "Connection: close": part of the body came, the connection cannot carry more
         except asyncio.CancelledError:
             log.info("request_id=%s %s %s cancelled: the client went away documents=%d ms=%.1f", request_id,
-                     request.method, request.path, stats["documents"], 1000 * (time.perf_counter() - started))
+                     *method_and_path(request), stats["documents"], 1000 * (time.perf_counter() - started))
             raise
         except Exception:
-            log.exception("request_id=%s %s %s failed: a bug", request_id, request.method, request.path)
+            log.exception("request_id=%s %s %s failed: a bug", request_id, *method_and_path(request))
             response = error_response(RerankError(500, f"internal error; quote request id {request_id}"))
         response.headers[REQUEST_ID] = request_id
         status = response.status
-        if admission is not None:  # the answer is written while its request still counts against the bounds
+        # Refusing is free: an answer given before the whole body came (401, 404, 405, 413, 415, 429, 408) leaves
+        # the rest unread, and the connection is closed once the answer is out. aiohttp would otherwise read and
+        # discard the rest (for up to 10 s) before the connection could carry another request.
+        body_left = request.body_exists and not request.content.is_eof()
+        if body_left:
+            response.force_close()  # "Connection: close"
+        if admission is not None or body_left:  # an admitted request's answer is written while it still counts
             await deliver(request, response, config.client_timeout)
-            if status == 408 and request.transport is not None:
-                request.transport.close()  # at once: aiohttp would wait up to 10 s more for the rest of the body
+            if body_left and request.transport is not None:
+                request.transport.close()
     finally:
         if admission is not None:
             admission.release(stats)
         app[METRICS].answered(route, status, time.perf_counter() - started, stats["documents"])
     log.info("request_id=%s %s %s status=%d documents=%d chunks=%d upstream_calls=%d ms=%.1f", request_id,
-             request.method, request.path, status, stats["documents"], stats["chunks"],
+             *method_and_path(request), status, stats["documents"], stats["chunks"],
              stats["upstream_calls"], 1000 * (time.perf_counter() - started))
     return response
+
+
+IDENTITY = ("", "identity")
+
+
+def refuse_encoded_body(request: web.Request) -> None:
+    """A compressed body is refused from its headers, before any of it is read or decoded. Infinity decodes
+    none either, and no rerank client compresses its bodies; so every bound (--max-body-size,
+    --max-pending-bytes) counts the bytes the proxy really holds, and a gzip bomb costs nothing."""
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if request.body_exists and encoding not in IDENTITY:
+        shown = escaped_for_log(request.headers["Content-Encoding"][:40])
+        raise RerankError(415, f"Content-Encoding {shown!r} is not accepted: send the request body uncompressed "
+                          "(no Content-Encoding header, or 'identity')")
+
+
+def method_and_path(request: web.Request) -> tuple[str, str]:
+    """For the log line: both come from the request, so both are escaped (one request, one line)."""
+    return escaped_for_log(request.method), escaped_for_log(request.path)
 
 
 async def deliver(request: web.Request, response: web.StreamResponse, within: float) -> None:
@@ -1532,7 +1565,8 @@ def server_options(config: Config) -> dict[str, Any]:
     # aiohttp's keep-alive timer runs from a connection's opening and from each answer until the next
     # request's headers are complete: at --client-timeout it closes an idle connection, and one whose
     # headers never finish (aiohttp itself bounds only their size). The body has its own deadline (read_body).
-    return {"keepalive_timeout": config.client_timeout}
+    # auto_decompress off: a request body is never decoded (refuse_encoded_body answers 415 from the headers).
+    return {"keepalive_timeout": config.client_timeout, "auto_decompress": False}
 
 
 # Each client connection takes a file descriptor: the usual soft limit (1024) would refuse connections long

@@ -842,11 +842,12 @@ async def test_a_bug_is_500_with_request_id_logged_with_traceback(
 
 
 async def test_request_id_is_kept_when_valid_and_replaced_when_not(client: Any, fake_infinity: Any) -> None:
-    response = await client.post("/v1/rerank", json={"query": "q", "documents": ["a"]},
-                                 headers={"X-Request-ID": "abc.DEF_1-2"})
-    assert response.headers["X-Request-ID"] == "abc.DEF_1-2"
-    assert fake_infinity.classify_headers[0]["X-Request-ID"] == "abc.DEF_1-2"
-    for bad in ("has space", "x" * 129, "semi;colon"):
+    for good in ("abc.DEF_1-2", "trace:span:1", "x" * 128):
+        response = await client.post("/v1/rerank", json={"query": "q", "documents": ["a"]},
+                                     headers={"X-Request-ID": good})
+        assert response.headers["X-Request-ID"] == good
+        assert fake_infinity.classify_headers[-1]["X-Request-ID"] == good
+    for bad in ("has space", "x" * 129, "semi;colon", "slash/", "quote\"", "caf\u00e9", "tab\there"):
         response = await client.post("/v1/rerank", json={"query": "q", "documents": ["a"]},
                                      headers={"X-Request-ID": bad})
         assert re.fullmatch(r"[0-9a-f]{32}", response.headers["X-Request-ID"])
@@ -864,6 +865,27 @@ async def test_one_info_line_per_request_without_query_or_document_text(
     assert "request_id=rid-1" in lines[0] and "status=200" in lines[0] and "/v1/rerank" in lines[0]
     assert "documents=2 chunks=1 upstream_calls=1" in lines[0]
     assert "secret" not in caplog.text
+
+
+@pytest.mark.parametrize("path", ["/v1/rerank%0aINFO%20forged%20line%1b[31m", "/x%0d%0a%e2%80%a8%c2%85\\%22",
+                                  "/%f0%9f%a6%80%20%7f"])
+async def test_a_path_cannot_forge_a_log_line_or_carry_a_control_character(
+        client: Any, caplog: pytest.LogCaptureFixture, path: str) -> None:
+    with caplog.at_level(logging.INFO, logger="proxy-classifier"):
+        response = await client.post(path, data=b"{}")
+    assert response.status in (404, 405)
+    lines = [r.getMessage() for r in caplog.records if r.name == "proxy-classifier"]
+    assert len(lines) == 1
+    assert lines[0].isascii() and lines[0].isprintable(), lines[0]
+    logged_path = lines[0].split()[2]  # request_id=..., the method, the path: one token
+    assert logged_path.startswith("/") and "\\x" in logged_path  # each control character escaped, as \\xNN
+    assert f"status={response.status} " in lines[0]
+
+
+def test_values_from_a_request_are_escaped_for_the_log() -> None:
+    assert proxy.escaped_for_log("/v1/rerank") == "/v1/rerank"
+    assert proxy.escaped_for_log('a\nb\x1b[0m c"\\') == "a\\x0ab\\x1b[0m\\x20c\\x22\\x5c"
+    assert proxy.escaped_for_log("\u2028\x85\u00e9\udc80") == "\\u2028\\x85\\xe9\\udc80"
 
 
 async def test_log_line_of_a_failed_request_counts_the_calls_it_made(

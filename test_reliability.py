@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
+import gzip
 import json
 import signal
 import socket
@@ -860,6 +861,112 @@ async def test_documents_of_only_whitespace_are_scored_and_never_reach_infinity_
     answer = await post(client, body)
     assert_ranked(answer, body)
     assert fake_infinity.empty_inputs == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile bodies: compressed bodies refused from their headers, refusing is free
+# ---------------------------------------------------------------------------------------------
+
+
+def gzip_bomb(wire_bytes: int) -> bytes:
+    """Gzip members of 64 MiB of zeros each, back to back (a valid gzip stream): about a thousand times its size
+    once decoded."""
+    member = gzip.compress(bytes(64 << 20), 9)
+    return member * max(1, wire_bytes // len(member))
+
+
+@dataclass(frozen=True)
+class RawAnswer:
+    status: int
+    headers: dict[str, str]
+    body: Any
+    closed_after: bool  # whether the proxy closed the connection after the answer
+
+
+async def answer_to_headers_alone(port: int, head: str) -> RawAnswer:
+    """Send a request's headers and none of the body they announce; read the answer and whether the proxy then
+    closes the connection. Only an answer that needs no body can come at all."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head.replace("\n", "\r\n").encode() + b"\r\n")
+        status_line = await asyncio.wait_for(reader.readline(), LOADED_MACHINE_SLACK)
+        assert status_line, "closed without an answer"
+        headers = {}
+        while (line := await asyncio.wait_for(reader.readline(), LOADED_MACHINE_SLACK)) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            headers[name.strip().lower()] = value.strip()
+        body = json.loads(await reader.readexactly(int(headers["content-length"])))
+        closed = await asyncio.wait_for(reader.read(1), LOADED_MACHINE_SLACK) == b""
+        return RawAnswer(int(status_line.split()[1]), headers, body, closed)
+    finally:
+        writer.close()
+
+
+ENCODINGS = ["gzip", "deflate", "br", "zstd", "bogus", "gzip, identity"]
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+async def test_a_compressed_body_is_415_naming_content_encoding_before_any_of_it_is_read(
+        client: Any, fake_infinity: FakeInfinity, encoding: str) -> None:
+    head = f"POST /v1/rerank HTTP/1.1\nHost: x\nContent-Length: 8000000\nContent-Encoding: {encoding}\n"
+    answer = await answer_to_headers_alone(client.server.port, head)
+    assert answer.status == 415, answer.body
+    assert answer.body["error"]["type"] == "unsupported_media_type" and "Content-Encoding" in answer.body["error"][
+        "message"]
+    assert (answer.headers["connection"], answer.closed_after) == ("close", True)
+    assert fake_infinity.classify_bodies == []
+    assert_ranked(await post(client, NEXT), NEXT)
+
+
+@pytest.mark.parametrize(("encoding", "body"), [("gzip", b"\x1f\x8b\x08 not gzip at all"), ("bogus", b"{}"),
+                                                  ("gzip", gzip.compress(json.dumps(GOOD).encode()))],
+                         ids=["corrupt gzip", "unknown", "valid gzip"])
+async def test_an_encoded_body_corrupt_unknown_or_valid_is_a_json_415_never_a_500_or_200(
+        client: Any, encoding: str, body: bytes) -> None:
+    async with client.post("/v1/rerank", data=body, headers={"Content-Encoding": encoding}) as response:
+        answer = Answer(response.status, dict(response.headers), await response.json(), 0.0)
+    assert_error(answer, 415, "unsupported_media_type", "Content-Encoding", repr(encoding))
+    assert_ranked(await post(client, NEXT), NEXT)
+
+
+async def test_content_encoding_identity_is_an_uncompressed_body(client: Any) -> None:
+    async with client.post("/v1/rerank", data=json.dumps(GOOD), headers={"Content-Encoding": "identity"}) as response:
+        assert_ranked(Answer(response.status, {}, await response.json(), 0.0), GOOD)
+
+
+REFUSED_FROM_HEADERS = {  # the first lines of a request the proxy answers from its headers alone
+    "401": (401, {"api_key": "k"}, "POST /v1/rerank"),
+    "404": (404, {}, "POST /nowhere"),
+    "405": (405, {}, "PUT /v1/rerank"),
+    "413 by Content-Length": (413, {"max_body_size": 1_000_000}, "POST /v1/rerank"),
+    "415": (415, {}, "POST /v1/rerank"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED_FROM_HEADERS)
+async def test_a_refusal_is_answered_without_the_body_and_the_connection_closed_not_drained(
+        make_proxy: Callable[..., Awaitable[Any]], case: str) -> None:
+    status, flags, request_line = REFUSED_FROM_HEADERS[case]
+    client = await make_proxy(**flags)
+    encoding = "Content-Encoding: gzip\n" if status == 415 else ""
+    answer = await answer_to_headers_alone(client.server.port,
+                                           f"{request_line} HTTP/1.1\nHost: x\nContent-Length: 8000000\n{encoding}")
+    assert answer.status == status, answer.body
+    assert answer.body["error"]["code"] == status
+    assert (answer.headers["connection"], answer.closed_after) == ("close", True)
+    headers = {"Authorization": "Bearer k"} if "api_key" in flags else {}
+    async with client.post("/v1/rerank", data=json.dumps(NEXT), headers=headers) as response:
+        assert_ranked(Answer(response.status, {}, await response.json(), 0.0), NEXT)
+
+
+async def test_a_refused_gzip_bomb_is_never_decoded(make_proxy: Callable[..., Awaitable[Any]]) -> None:
+    client = await make_proxy(api_key="k")
+    bomb = gzip_bomb(2 << 20)  # 2 MB on the wire, 2 GiB decoded
+    for headers in ({"Content-Encoding": "gzip"}, {"Content-Encoding": "gzip", "Authorization": "Bearer k"}):
+        cpu = time.process_time()
+        async with client.post("/v1/rerank", data=bomb, headers=headers) as response:
+            assert response.status in (401, 415) and response.headers["Connection"] == "close"
+        assert time.process_time() - cpu < HOSTILE_CPU_SECONDS  # decoding 2 GiB would take several seconds
 
 
 # ---------------------------------------------------------------------------------------------
