@@ -272,8 +272,8 @@ OPTIONS: list[tuple[str, type, str]] = [
     ("--infinity-api-key", str, "bearer token the proxy sends to Infinity"),
     ("--log-level", str, "DEBUG, INFO, WARNING or ERROR"),
     ("--max-concurrent-requests", int, "requests handled at once; more are refused at once (429 overloaded_error)"),
-    ("--max-pending-bytes", int, f"bytes of request bodies, and {PROMPT_BYTES} a prompt, held at once; more are "
-     "refused at once (429 overloaded_error)"),
+    ("--max-pending-bytes", int, f"bytes of request bodies, and {PROMPT_BYTES} a prompt plus its query and "
+     "instruction, held at once; more are refused at once (429 overloaded_error)"),
     ("--client-timeout", float, "seconds a client may take to send its headers, and then its body (else 408 "
      "or the connection is closed), and to read its answer"),
 ]
@@ -471,10 +471,11 @@ json_loads = stdlib_json_loads if orjson is None else orjson_loads
 json_dumps = stdlib_json_dumps if orjson is None else orjson_dumps
 
 
-def decode_body(raw: bytes) -> dict[str, Any]:
+def decode_body(raw: bytes, max_documents: int = Config.max_documents) -> dict[str, Any]:
     """The request body as a JSON object, whatever its Content-Type says (curl without -H)."""
     if not raw or raw.isspace():
         raise bad_request("the request body is empty; send a JSON object with 'query' and 'documents'")
+    refuse_json_that_expands(raw, max_documents)
     too_deep = f"the request body is nested too deeply: at most {MAX_BODY_NESTING} levels"
     try:
         body = json_loads(raw)
@@ -487,6 +488,43 @@ def decode_body(raw: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {json_type(body)}")
     return body
+
+
+# What a parsed body costs depends on how many JSON values it holds, not on its bytes: an empty list costs Python
+# 56 bytes and takes 3 in the body ("[],"), a two-letter string 56 and 5 ('"ab",'): 32 MiB of them in an ignored
+# field took 20 times the body and seconds to build. So a body may hold 8 values a document it may carry, and one
+# per 16 bytes beyond that, counted before it is parsed as the commas, "[" and "{" outside strings (every value
+# but a container's first follows a comma): values then cost at most about 5 times the body. A body under 1 MiB is
+# parsed whatever it holds (a few tens of MB at most), so that its error says what is wrong with it (a deep
+# nesting, say) rather than how many values it has.
+VALUES_PER_DOCUMENT = 8
+BODY_BYTES_PER_VALUE = 16
+VALUES_COUNTED_FROM = 1 << 20  # body bytes
+_NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'",[{')))
+_STRUCTURE_IN_A_STRING = re.compile(rb'"([^"]*)"')  # quote pairs, empty strings too: they must pair up
+
+
+def refuse_json_that_expands(raw: bytes, max_documents: int) -> None:
+    """A 400, before parsing, for a body of more values than its size justifies. Counted first cheaply, commas and
+    brackets in text included; only a body over the bound by that count is counted again without its strings
+    (text full of commas or brackets, such as code or CSV, is no reason to refuse)."""
+    allowed = VALUES_PER_DOCUMENT * max_documents + len(raw) // BODY_BYTES_PER_VALUE
+    if len(raw) < VALUES_COUNTED_FROM or raw.count(b",") + raw.count(b"[") + raw.count(b"{") <= allowed:
+        return
+    found = values_outside_strings(raw)
+    if found > allowed:
+        raise bad_request(f"the request body holds about {found} JSON values, more than a body of {len(raw)} bytes "
+                          f"may ({allowed}: {VALUES_PER_DOCUMENT} a document and one per {BODY_BYTES_PER_VALUE} "
+                          "bytes); leave out what the proxy does not need")
+
+
+def values_outside_strings(raw: bytes) -> int:
+    """The commas, "[" and "{" of a JSON text that are not inside a string, in C-level passes over the bytes:
+    escaped backslashes and quotes are dropped, then everything but quotes, commas and brackets, and what is left
+    between two quotes was text."""
+    structure = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE)
+    in_strings = sum(map(len, _STRUCTURE_IN_A_STRING.findall(structure)))
+    return len(structure) - structure.count(b'"') - in_strings
 
 
 # Far deeper than any real document, and far enough below Python's recursion limit that encoding a
@@ -551,13 +589,12 @@ def parse_rerank(body: dict[str, Any], config: Config) -> RerankRequest:
         raise bad_request(
             f"too many documents: {len(documents)}, at most {config.max_documents} in one request; "
             "split them into several requests", "documents")
-    rank_fields = optional_field(body, "rank_fields", "list")
-    for i, field in enumerate(rank_fields or []):
-        if not isinstance(field, str):
-            raise bad_request(f"rank_fields[{i}] must be a string, got {json_type(field)}", f"rank_fields[{i}]")
+    rank_fields = checked_rank_fields(optional_field(body, "rank_fields", "list"))
     top_n = optional_field(body, "top_n", "integer")
     return_documents = optional_field(body, "return_documents", "boolean")
     model = optional_field(body, "model", "string")
+    if model is not None and len(model) > MAX_NAME_CHARS:  # it goes into every /classify body and the answer
+        raise bad_request(f"'model' is {len(model)} characters, at most {MAX_NAME_CHARS}", "model")
     instruction = optional_field(body, "instruction", "string")
     if instruction is not None and len(instruction) > config.max_query_chars:
         raise bad_request(
@@ -589,6 +626,26 @@ def parse_rerank(body: dict[str, Any], config: Config) -> RerankRequest:
         # The proxy has no tokenizer: about 3 characters a token.
         max_chars_per_doc=3 * max_tokens if max_tokens is not None else None,
     )
+
+
+MAX_RANK_FIELDS = 32
+MAX_NAME_CHARS = 256  # a rank field's name, a model's
+
+
+def checked_rank_fields(rank_fields: list[Any] | None) -> list[str] | None:
+    """The fields to score, each once, in the order first named: a field named twice would put its value into
+    every prompt twice (a 1 MB field named 400 times: 400 MB of prompts)."""
+    if rank_fields is None:
+        return None
+    if len(rank_fields) > MAX_RANK_FIELDS:
+        raise bad_request(f"'rank_fields' has {len(rank_fields)} entries, at most {MAX_RANK_FIELDS}", "rank_fields")
+    for i, field in enumerate(rank_fields):
+        if not isinstance(field, str):
+            raise bad_request(f"rank_fields[{i}] must be a string, got {json_type(field)}", f"rank_fields[{i}]")
+        if len(field) > MAX_NAME_CHARS:
+            raise bad_request(f"rank_fields[{i}] is {len(field)} characters, at most {MAX_NAME_CHARS}",
+                              f"rank_fields[{i}]")
+    return list(dict.fromkeys(rank_fields))
 
 
 TRUNCATION_DIRECTIONS = ("left", "right")  # TEI's; Haystack sends "Left"/"Right"
@@ -1133,14 +1190,17 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 async def rerank(request: web.Request, shape: AnswerShape, speaks_tei: bool = False) -> web.Response:
     config = request.app[CONFIG]
-    body = decode_body(await read_body(request))
+    body = decode_body(await read_body(request), config.max_documents)
     if speaks_tei and body.get("texts") is not None:  # TEI's dialect shares /rerank and /v1/rerank
         body, shape = rerank_body_from_tei(body, config), tei_answer
     rerank_request = parse_rerank(body, config)
+    del body  # the fields the proxy ignores are not held while Infinity works
     stats = request[STATS]
     stats["documents"] = len(rerank_request.documents)
     plan = plan_prompts(rerank_request, config)
-    request.app[ADMISSION].take(stats, PROMPT_BYTES * len(plan.unique_texts))  # before their bodies are built
+    # Before their bodies are built. Each prompt carries the query and the instruction (up to 2 * --max-query-chars).
+    prompt_bytes = PROMPT_BYTES + len(escaped_utf8(plan.prompt_head))
+    request.app[ADMISSION].take(stats, prompt_bytes * len(plan.unique_texts))
     calls = classify_bodies(rerank_request.model, plan, config.batch_size)
     stats["chunks"] = len(plan.unique_texts)
     # All calls start at once: counted here, the log line of a failed request shows them too.
@@ -1302,7 +1362,7 @@ class Admission:
         could be refused for ever."""
         if self.bytes + more > self.max_bytes and self.bytes > stats["held_bytes"]:
             raise overloaded(f"the requests in hand ({self.bytes} bytes of bodies and prompts, {PROMPT_BYTES} a "
-                             f"prompt) and this one would pass --max-pending-bytes ({self.max_bytes})")
+                             f"prompt and its query) and this one would pass --max-pending-bytes ({self.max_bytes})")
         self.bytes += more
         stats["held_bytes"] += more
 

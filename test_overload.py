@@ -237,6 +237,21 @@ async def test_a_request_with_more_prompts_than_the_bound_allows_beside_those_in
     assert (await post(client, {"query": "q", "documents": [f"d{i}" for i in range(20)]})).status == 200
 
 
+async def test_each_prompt_counts_its_query_and_instruction_against_max_pending_bytes(
+        serve: Serve, fake_infinity: FakeInfinity) -> None:
+    # Every prompt carries the query and the instruction: a 4,000-character query costs 4 KB in each of them.
+    client = await serve(max_body_size=20_000, max_documents=20, max_pending_bytes=60_000)
+    holder = await holding(client, 20_000)
+    documents = [f"d{i}" for i in range(10)]
+    short = await post(client, {"query": "q", "documents": documents})  # 10 prompts of about 1.7 KB
+    assert short.status == 200, short.body
+    long = await post(client, {"query": "q" * 4_000, "documents": documents})  # 10 prompts of about 5.7 KB
+    assert_overloaded(long.status, {k.lower(): v for k, v in long.headers.items()}, long.body, "bodies and prompts")
+    holder.close()
+    assert await eventually(lambda: admission(client).requests == 0)
+    assert (await post(client, {"query": "q" * 4_000, "documents": documents})).status == 200
+
+
 @pytest.mark.parametrize("path", ["/health", "/ready", "/metrics"])
 async def test_probes_and_metrics_are_never_refused_for_load(serve: Serve, fake_infinity: FakeInfinity,
                                                              path: str) -> None:

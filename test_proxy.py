@@ -290,6 +290,37 @@ async def test_rank_fields_score_field_lines_in_the_given_order(client: Any, fak
     assert {r["index"]: r["document"] for r in answer["results"]}[0] == documents[0]
 
 
+async def test_a_rank_field_named_twice_is_scored_once(client: Any, fake_infinity: Any) -> None:
+    documents = [{"title": "Paris", "body": "Capital of France"}]
+    status, _ = await rerank(client, {"query": "q", "documents": documents,
+                                      "rank_fields": ["title", "body", "title", "body", "title"]})
+    assert status == 200
+    assert [document_in(p.strip()) for p in fake_infinity.inputs] == ["title: Paris\nbody: Capital of France"]
+
+
+@pytest.mark.parametrize(("change", "param", "words"), [
+    ({"rank_fields": [f"f{i}" for i in range(33)]}, "rank_fields", ["33 entries", "at most 32"]),
+    ({"rank_fields": ["title"] * 400}, "rank_fields", ["400 entries", "at most 32"]),
+    ({"rank_fields": ["title", "x" * 257]}, "rank_fields[1]", ["257 characters", "at most 256"]),
+    ({"model": "m" * 257}, "model", ["257 characters", "at most 256"]),
+    ({"instruction": "i" * 4001}, "instruction", ["4001 characters", "at most 4000"]),
+], ids=["33 rank_fields", "one rank field 400 times", "a long rank field", "a long model", "a long instruction"])
+async def test_a_field_that_would_multiply_memory_is_400_naming_it(
+        client: Any, fake_infinity: Any, change: dict[str, Any], param: str, words: list[str]) -> None:
+    body = {"query": "q", "documents": [{"title": "x" * 1000}], **change}
+    status, answer = await rerank(client, body)
+    assert_error(status, answer, 400, *words, param=param)
+    assert fake_infinity.classify_bodies == []
+
+
+async def test_rank_fields_and_model_at_their_limits_are_served(client: Any, fake_infinity: Any) -> None:
+    fields = [f"{i:0256d}" for i in range(32)]
+    status, answer = await rerank(client, {"query": "q", "rank_fields": fields, "model": "m" * 256,
+                                           "documents": [{fields[0]: "a", fields[31]: "b"}]})
+    assert status == 200 and answer["model"] == "m" * 256
+    assert document_in(fake_infinity.inputs[0].strip()) == f"{fields[0]}: a\n{fields[31]}: b"
+
+
 async def test_rank_fields_empty_list_is_the_same_as_absent(client: Any, fake_infinity: Any) -> None:
     await rerank(client, {"query": "q", "documents": [{"text": "t", "title": "x"}], "rank_fields": []})
     assert document_in(fake_infinity.inputs[0].strip()) == "t"

@@ -630,7 +630,7 @@ def as_json_text(value: Any) -> str:
 def expected_results(body: dict[str, Any], config: Any) -> list[tuple[int, float]]:
     """The contract's answer for a body the proxy accepted, for the short texts generated here."""
     instruction = body.get("instruction") or ""
-    rank_fields = body.get("rank_fields") or []
+    rank_fields = list(dict.fromkeys(body.get("rank_fields") or []))  # a field named twice is scored once
     scores = []
     for document in body["documents"]:
         if isinstance(document, str):
@@ -784,6 +784,33 @@ async def test_more_than_max_documents_is_400_before_any_upstream_call(client: A
 async def test_a_deeply_nested_body_is_400_at_once(client: Any) -> None:
     answer = await post_hostile(client, b'{"query": "q", "documents": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
     assert_error(answer, 400, "invalid_request_error", "nested too deeply")
+
+
+def padded_with(junk: bytes, size: int = 4 << 20) -> bytes:
+    """A good rerank body with an ignored field of `junk` repeated to about `size` bytes."""
+    return b'{"query": "q", "documents": ["a", "b"], "junk": [' + junk * (size // len(junk)) + b'0]}'
+
+
+@pytest.mark.parametrize("junk", [b"[],", b"{},", b'"ab",', b"1.5,", b'{"a":1},'], ids=bytes.decode)
+async def test_a_body_of_far_more_json_values_than_its_bytes_justify_is_400_before_it_is_parsed(
+        client: Any, fake_infinity: FakeInfinity, junk: bytes) -> None:
+    answer = await post_hostile(client, padded_with(junk))  # parsed, it would take 10 to 20 times its size
+    assert_error(answer, 400, "invalid_request_error", "JSON values", "leave out what the proxy does not need")
+    assert fake_infinity.classify_bodies == []
+    assert_ranked(await post(client, NEXT), NEXT)
+
+
+@pytest.mark.parametrize("text", ["[{,", '{"a": [1, 2], "b": {"c": "d"}},', 'a,b,c,\\"[{,'], ids=repr)
+async def test_commas_and_brackets_inside_text_do_not_count_as_json_values(client: Any, text: str) -> None:
+    # Over 4 MB of text dense with them, in documents short enough to be scored whole.
+    documents = [text * (7_000 // len(text)) + f" {i}" for i in range(4_000_000 // 7_000 + 1)]
+    body = {"query": QUERY, "documents": documents}
+    assert_ranked(await post_hostile(client, json.dumps(body).encode(), cpu_seconds=5.0), body)
+
+
+def test_values_outside_strings_are_counted_exactly() -> None:
+    for value, expected in [([[], [[]], {}], 7), ({"a": "x,[{", "b": ["\\", '"', 1]}, 5), ("a,[{", 0)]:
+        assert proxy.values_outside_strings(json.dumps(value).encode()) == expected
 
 
 def deepest_json_parsed_here() -> int:
