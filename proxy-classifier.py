@@ -914,6 +914,36 @@ def tei_info(config: Config) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 RETRY_AFTER = "Retry-After"
+IDENTITY = ("", "identity")  # a Content-Encoding that is no encoding
+# Infinity's answers are read up to a size their call justifies, never decoded: a larger, compressed or endless
+# answer is a 502 (504 past --timeout) with bounded memory. A /classify item is about 90 bytes (two labels, two
+# scores): 1 KiB an input and 64 KiB for the rest (usage, model, id; an error's detail) leave room to spare.
+CLASSIFY_ANSWER_BYTES_PER_INPUT = 1024
+ANSWER_BYTES = 64 * 1024
+MODELS_ANSWER_BYTES = 1024 * 1024  # GET /models: Infinity's list of a few models is a few KB
+FORWARD_CHUNK_BYTES = 64 * 1024  # other forwarded routes are streamed through, a piece at a time
+
+
+class BadAnswer(RerankError):
+    """An answer from Infinity that the proxy will not take: too large, or compressed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(502, message)
+
+
+async def bounded_answer(response: Any, most: int, url: Any) -> bytes:
+    """Infinity's answer, read as it arrives and refused the moment it passes `most` bytes."""
+    encoding = response.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in IDENTITY:  # the proxy asks for none, and does not decode one (a bomb would cost GBs)
+        raise BadAnswer(f"Infinity answered {url} compressed (Content-Encoding: {encoding[:40]}), though the "
+                        "proxy asks for identity")
+    pieces, size = [], 0
+    async for piece in response.content.iter_chunked(FORWARD_CHUNK_BYTES):
+        size += len(piece)
+        if size > most:
+            raise BadAnswer(f"Infinity's answer from {url} passed {most} bytes, more than its call can justify")
+        pieces.append(piece)
+    return b"".join(pieces)
 
 
 def infinity_message(status: int, body: bytes) -> str:
@@ -975,13 +1005,15 @@ class Infinity:
         # before Infinity does, so stale ones stay rare. DNS answers are cached for aiohttp's default
         # 10 s only: a recreated Infinity container with a new address is found again quickly.
         connector = TCPConnector(limit=self.config.max_concurrency + 16, limit_per_host=0, keepalive_timeout=4)
-        self.session = ClientSession(timeout=timeout, connector=connector, auto_decompress=True,
-                                     skip_auto_headers=("User-Agent",), trace_configs=[reuse_tracing()])
+        # No compressed answers: asked for none, and none decoded (bounded_answer refuses one).
+        plain = {"auto_decompress": False, "headers": {"Accept-Encoding": "identity"}}
+        self.session = ClientSession(timeout=timeout, connector=connector, skip_auto_headers=("User-Agent",),
+                                     trace_configs=[reuse_tracing()], **plain)
         # For the single retry after a stale keep-alive connection: this one never reuses one.
-        self.fresh_session = ClientSession(timeout=timeout, connector=TCPConnector(force_close=True))
+        self.fresh_session = ClientSession(timeout=timeout, connector=TCPConnector(force_close=True), **plain)
         # Probes are open without a key: their own small pool, so a flood of them never takes the
         # connections that classify calls need.
-        self.probe_session = ClientSession(connector=TCPConnector(limit=4, keepalive_timeout=4))
+        self.probe_session = ClientSession(connector=TCPConnector(limit=4, keepalive_timeout=4), **plain)
 
     async def close(self) -> None:
         for session in (self.session, self.fresh_session, self.probe_session):
@@ -1010,9 +1042,11 @@ class Infinity:
                 self.in_flight += 1
                 started = time.perf_counter()
                 try:
-                    status, answer_headers, raw = await self._post_classify(body, headers)
+                    most = ANSWER_BYTES + CLASSIFY_ANSWER_BYTES_PER_INPUT * expected
+                    status, answer_headers, raw = await self._post_classify(body, headers, most)
                 except RerankError as exc:
-                    outcome = "timeout" if exc.status == 504 else "unreachable"
+                    outcome = "timeout" if exc.status == 504 else "bad_answer" if isinstance(
+                        exc, BadAnswer) else "unreachable"
                     raise
                 finally:
                     self.in_flight -= 1
@@ -1041,7 +1075,7 @@ class Infinity:
         finally:
             self.metrics.labelled(self.metrics.upstream_calls, outcome).inc()
 
-    async def _post_classify(self, body: bytes, headers: dict[str, str]) -> tuple[int, Any, bytes]:
+    async def _post_classify(self, body: bytes, headers: dict[str, str], most: int) -> tuple[int, Any, bytes]:
         headers = {"Content-Type": "application/json", **headers}
         session = self.session
         for attempt in (1, 2):
@@ -1050,7 +1084,7 @@ class Infinity:
                 # A redirect is Infinity's answer, not an address to send the prompts to.
                 async with session.post(self.classify_url, data=body, headers=headers, allow_redirects=False,
                                         trace_request_ctx=connection) as response:
-                    return response.status, response.headers, await response.read()
+                    return response.status, response.headers, await bounded_answer(response, most, self.classify_url)
             except (client_exceptions.ServerDisconnectedError, client_exceptions.ClientOSError) as exc:
                 # A keep-alive connection that Infinity closed between two requests fails before any
                 # answer. /classify has no side effects, so it is retried once, on a new connection.
@@ -1117,8 +1151,10 @@ class Infinity:
             tokens += batch_tokens
         return scores, tokens
 
-    async def forward(self, method: str, raw_path: str, raw_query: str, body: bytes,
-                      headers: dict[str, str]) -> tuple[int, Any, bytes]:
+    @contextlib.asynccontextmanager
+    async def forwarded(self, method: str, raw_path: str, raw_query: str, body: bytes,
+                        headers: dict[str, str]) -> AsyncIterator[Any]:
+        """Infinity's answer to a forwarded call, its status and headers in and its body still to read."""
         # The configured origin, then the client's path: no request can name another host.
         url = URL(str(self.origin) + raw_path + ("?" + raw_query if raw_query else ""), encoded=True)
         if url.origin() != self.origin:
@@ -1126,21 +1162,29 @@ class Infinity:
         try:
             async with self.session.request(method, url, data=body or None, headers=headers,
                                             allow_redirects=False) as response:  # verbatim, redirects too
-                return response.status, response.headers, await response.read()
+                yield response
         except (client_exceptions.ClientError, asyncio.TimeoutError) as exc:
             raise self.unreachable(exc, url) from None
+
+    async def forward(self, method: str, raw_path: str, raw_query: str, body: bytes, headers: dict[str, str],
+                      most: int = MODELS_ANSWER_BYTES) -> tuple[int, Any, bytes]:
+        """A forwarded call's whole answer, up to `most` bytes (else a 502)."""
+        async with self.forwarded(method, raw_path, raw_query, body, headers) as response:
+            return response.status, response.headers, await bounded_answer(response, most, response.url)
 
     async def health(self, within: float) -> str:
         """'ok', or why Infinity's /health does not answer."""
         url = self.origin / "health"
         try:
             async with self.probe_session.get(url, timeout=ClientTimeout(total=within)) as response:
-                await response.read()
+                await bounded_answer(response, ANSWER_BYTES, url)
                 return "ok" if response.status == 200 else f"{url} answered {response.status}"
         except asyncio.TimeoutError:
             return f"{url} did not answer within {within:g} s"
         except client_exceptions.ClientError as exc:
             return f"cannot reach {url}: {exc or type(exc).__name__}"
+        except BadAnswer as exc:
+            return exc.message
 
 
 async def all_or_nothing(calls: list[Awaitable[Any]]) -> list[Any]:
@@ -1273,7 +1317,17 @@ async def info(request: web.Request) -> web.Response:
 
 
 async def models(request: web.Request) -> web.Response:
-    return await forward_to_infinity(request, request.app[INFINITY].models_path)
+    """Infinity's model list, status and body verbatim, read whole (at most MODELS_ANSWER_BYTES)."""
+    body = await read_body(request)
+    infinity = request.app[INFINITY]
+    status, answer_headers, answer = await infinity.forward(
+        request.method, infinity.models_path, request.rel_url.raw_query_string, body, forwarded_headers(request))
+    request[STATS]["upstream_calls"] = 1
+    if status in (401, 403) and infinity.uses_own_key():
+        raise infinity.failure(status, answer_headers, answer)  # the proxy's key: a 502, as for reranks
+    response = web.Response(status=status, body=answer)
+    copy_answer_headers(answer_headers, response)
+    return response
 
 
 async def forward_under_prefix(request: web.Request) -> web.Response:
@@ -1282,25 +1336,48 @@ async def forward_under_prefix(request: web.Request) -> web.Response:
     return await forward_to_infinity(request, request.rel_url.raw_path)
 
 
-async def forward_to_infinity(request: web.Request, raw_path: str) -> web.Response:
-    """Infinity's own answer, status and body verbatim: one base URL serves embeddings too."""
+async def forward_to_infinity(request: web.Request, raw_path: str) -> web.StreamResponse:
+    """Infinity's own answer, status and body verbatim: one base URL serves embeddings too. The body is
+    streamed through a piece at a time, so an answer of any size (or one that never ends) costs a piece of
+    memory, and --timeout bounds it."""
     body = await read_body(request)
     refuse_blank_inputs(body)
+    infinity, config = request.app[INFINITY], request.app[CONFIG]
+    request[STATS]["upstream_calls"] = 1
+    async with infinity.forwarded(request.method, raw_path, request.rel_url.raw_query_string, body,
+                                  forwarded_headers(request)) as answer:
+        if answer.status in (401, 403) and infinity.uses_own_key():  # the proxy's key: a 502, as for reranks
+            raise infinity.failure(answer.status, answer.headers, await bounded_answer(answer, ANSWER_BYTES, raw_path))
+        response = web.StreamResponse(status=answer.status)
+        copy_answer_headers(answer.headers, response, "Content-Encoding")  # never decoded here: passed on as is
+        response.headers[REQUEST_ID] = request[REQUEST_ID_KEY]
+        response.content_length = answer.content_length
+        await response.prepare(request)
+        try:
+            async with deadline_in(config.timeout):
+                async for piece in answer.content.iter_chunked(FORWARD_CHUNK_BYTES):
+                    await response.write(piece)
+        except (client_exceptions.ClientError, asyncio.TimeoutError):
+            # Begun, the answer cannot become an error any more: the client sees it cut short, as it was.
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        await response.write_eof()
+    return response
+
+
+def forwarded_headers(request: web.Request) -> dict[str, str]:
     headers = upstream_headers(request)
     for name in ("Content-Type", "Accept"):
         if name in request.headers:
             headers[name] = request.headers[name]
-    infinity = request.app[INFINITY]
-    status, answer_headers, answer = await infinity.forward(
-        request.method, raw_path, request.rel_url.raw_query_string, body, headers)
-    request[STATS]["upstream_calls"] = 1
-    if status in (401, 403) and infinity.uses_own_key():
-        raise infinity.failure(status, answer_headers, answer)  # the proxy's key: a 502, as for reranks
-    response = web.Response(status=status, body=answer)
-    for name in ("Content-Type", RETRY_AFTER, "Location"):
+    return headers
+
+
+def copy_answer_headers(answer_headers: Any, response: web.StreamResponse, *more: str) -> None:
+    for name in ("Content-Type", RETRY_AFTER, "Location", *more):
         if name in answer_headers:
             response.headers[name] = answer_headers[name]
-    return response
 
 
 def refuse_blank_inputs(body: bytes) -> None:
@@ -1526,9 +1603,6 @@ async def errors_and_log(request: web.Request, handler: Handler) -> web.StreamRe
              *method_and_path(request), status, stats["documents"], stats["chunks"],
              stats["upstream_calls"], 1000 * (time.perf_counter() - started))
     return response
-
-
-IDENTITY = ("", "identity")
 
 
 def refuse_encoded_body(request: web.Request) -> None:

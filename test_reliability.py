@@ -233,6 +233,38 @@ def closes_every_connection_after_the_first_answer() -> FaultHook:
     return hook
 
 
+def gzip_bomb(wire_bytes: int) -> bytes:
+    """Gzip members of 64 MiB of zeros each, back to back (a valid gzip stream): about a thousand times its size
+    once decoded."""
+    member = gzip.compress(bytes(64 << 20), 9)
+    return member * max(1, wire_bytes // len(member))
+
+
+def streams_endlessly(declared: int | None = None, pause: float = 0.0) -> FaultHook:
+    """An answer that begins like a classify answer and never ends: chunked, or promising `declared` bytes."""
+    async def hook(request: web.Request) -> None:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = declared
+        await response.prepare(request)
+        await response.write(b'{"object":"classify","data":[')
+        piece = b" " * (64 * 1024 if not pause else 1)
+        while True:  # until the proxy hangs up: then the write fails, or the server cancels this
+            await response.write(piece)
+            await asyncio.sleep(pause)
+
+    return hook
+
+
+def answers_a_gzip_bomb() -> FaultHook:
+    async def hook(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=gzip_bomb(8 << 20), headers={"Content-Type": "application/json",
+                                                              "Content-Encoding": "gzip"})
+
+    return hook
+
+
 @dataclass
 class Upstream:
     """The fake Infinity with a fault installed, counting the calls that reach the fault."""
@@ -323,6 +355,13 @@ FAULTS = [
     Fault("a NaN score", 502, "upstream_error", ("not a probability", "nan"), partial(answers, 200, NAN_SCORE)),
     Fault("an answer after the proxy gave up", 504, "timeout_error", ("--timeout (0.5 s)",),
           partial(answers_late, 2.0), within=0.5, timeout=0.5),
+    # Hostile answers: read only up to what the call justifies, never decoded.
+    Fault("a 512 MiB answer", 502, "upstream_error", ("{url}", "passed 67584 bytes"),
+          partial(streams_endlessly, 512 << 20)),
+    Fault("an endless chunked answer", 502, "upstream_error", ("{url}", "passed 67584 bytes"), streams_endlessly),
+    Fault("an endless trickle", 504, "timeout_error", ("--timeout (1 s)",), partial(streams_endlessly, None, 0.05),
+          within=1.0, timeout=1.0),
+    Fault("a gzip bomb", 502, "upstream_error", ("{url}", "compressed", "gzip"), answers_a_gzip_bomb),
 ]
 HOOK_FAULTS = [fault for fault in FAULTS if fault.hook is not None]
 
@@ -457,6 +496,58 @@ async def test_a_failed_call_on_a_fresh_connection_is_not_retried(
     world = await break_upstream(fault)  # a new proxy: its first call opens a new connection
     await post(world.client, GOOD)
     assert world.upstream.calls == 1
+
+
+async def test_the_proxy_asks_infinity_for_uncompressed_answers(client: Any, fake_infinity: FakeInfinity) -> None:
+    assert_ranked(await post(client, GOOD), GOOD)
+    assert fake_infinity.classify_headers[0]["Accept-Encoding"] == "identity"
+
+
+def answers_forwarded(size: int) -> FaultHook:
+    """A forwarded route's answer of `size` bytes, sent in 1 MiB pieces."""
+    async def hook(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await response.prepare(request)
+        for start in range(0, size, 1 << 20):
+            await response.write(bytes([start >> 20 & 255]) * min(1 << 20, size - start))
+        await response.write_eof()
+        return response
+
+    return hook
+
+
+async def test_a_large_forwarded_answer_is_streamed_through_whole(client: Any, upstream: Upstream) -> None:
+    upstream.fail_with(answers_forwarded(24 << 20))
+    async with client.post("/v1/embeddings", json={"model": "m", "input": ["a"]}) as response:
+        assert response.status == 200 and "X-Request-ID" in response.headers
+        received = [len(piece) async for piece in response.content.iter_chunked(1 << 20)]
+    assert sum(received) == 24 << 20
+    upstream.heal()
+    assert_ranked(await post(client, NEXT), NEXT)
+
+
+async def test_an_endless_forwarded_answer_is_cut_off_at_the_timeout_and_the_next_request_served(
+        make_proxy: Callable[..., Awaitable[Any]], upstream: Upstream) -> None:
+    client = await make_proxy(timeout=1.0)
+    upstream.fail_with(streams_endlessly(None, 0.01))
+    started = time.monotonic()
+    async with client.post("/v1/embeddings", json={"model": "m", "input": ["a"]}) as response:
+        assert response.status == 200  # the answer had begun: it can only be cut short
+        with pytest.raises(ClientError):
+            await response.read()
+    assert time.monotonic() - started < 1.0 + LOADED_MACHINE_SLACK
+    upstream.heal()
+    assert_ranked(await post(client, NEXT), NEXT)
+    assert await eventually(lambda: upstream.running == 0)
+
+
+async def test_a_model_list_over_its_stated_size_is_502(client: Any, upstream: Upstream) -> None:
+    upstream.fail_with(answers_forwarded(proxy.MODELS_ANSWER_BYTES + 1))
+    async with client.get("/v1/models") as response:
+        answer = Answer(response.status, dict(response.headers), await response.json(), 0.0)
+    assert_error(answer, 502, "upstream_error", f"passed {proxy.MODELS_ANSWER_BYTES} bytes")
+    upstream.heal()
+    assert (await client.get("/v1/models")).status == 200
 
 
 async def test_a_stale_keep_alive_connection_is_retried_once_on_a_fresh_one(
@@ -893,13 +984,6 @@ async def test_documents_of_only_whitespace_are_scored_and_never_reach_infinity_
 # ---------------------------------------------------------------------------------------------
 # Hostile bodies: compressed bodies refused from their headers, refusing is free
 # ---------------------------------------------------------------------------------------------
-
-
-def gzip_bomb(wire_bytes: int) -> bytes:
-    """Gzip members of 64 MiB of zeros each, back to back (a valid gzip stream): about a thousand times its size
-    once decoded."""
-    member = gzip.compress(bytes(64 << 20), 9)
-    return member * max(1, wire_bytes // len(member))
 
 
 @dataclass(frozen=True)
