@@ -202,6 +202,14 @@ def listens_on(pid: int, port: int) -> bool:
         return False
 
 
+def peak_rss(pid: int) -> int:
+    """The process's resident memory high-water mark (VmHWM), in bytes: a true peak, not a sample."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
 @pytest.fixture
 def unlistened_socket() -> Iterator[socket.socket]:
     """A socket bound to a port on 127.0.0.1 that does not listen: a connection there is refused, and

@@ -42,6 +42,7 @@ from conftest import (
     free_port,
     hashed_probability,
     listens_on,
+    peak_rss,
     proxy,
     tcp_connections,
 )
@@ -1318,6 +1319,95 @@ async def test_under_load_every_answer_is_its_own_and_memory_stays_flat(
     assert fake_infinity.most_in_flight <= proxy.Config().max_concurrency
     assert fake_infinity.empty_inputs == 0
     assert growth < RSS_GROWTH_BOUND, figures
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile bodies and answers against the proxy as a user starts it: statuses, the next request, peak memory (slow)
+# ---------------------------------------------------------------------------------------------
+
+HOSTILE_FIGURES = Path("/tmp/proxy-hostile-figures.json")
+HOSTILE_RSS_BOUND = 2**30  # the README's bound for the defaults: under any of these, and under a flood of them
+MOST = proxy.Config().max_body_size - 1000  # bytes: the largest hostile bodies, just inside --max-body-size
+WIDE = "\U0001F600abcdefghi"  # 16 bytes in a body as a JSON string and a comma, 4 bytes a character once parsed
+
+
+def costliest_accepted_body() -> bytes:
+    """As many values as a body may hold (one per 16 bytes), each a string Python holds at 4 bytes a character,
+    in 10,000 documents echoed back: the most memory a body the proxy accepts can cost."""
+    documents = [{"text": f"d{i}", "x": [WIDE] * 180} for i in range(10_000)]
+    body = json.dumps({"query": "q", "documents": documents, "return_documents": True}, ensure_ascii=False)
+    return body.encode()
+
+
+HOSTILE_BODIES: list[tuple[str, Callable[[], bytes], int]] = [
+    ("32 MiB of '[],' in an ignored field", lambda: padded_with(b"[],", MOST), 400),
+    ("32 MiB of two-letter strings in an ignored field", lambda: padded_with(b'"ab",', MOST), 400),
+    ("rank_fields naming one field 400 times, a 1 MB document", lambda: json.dumps(
+        {"query": "q", "rank_fields": ["t"] * 400, "documents": [{"t": "x " * 500_000}]}).encode(), 400),
+    ("an 8 MiB model, 10,000 documents", lambda: json.dumps(
+        {"query": "q", "model": "m" * (8 << 20), "documents": [f"d{i}" for i in range(10_000)]}).encode(), 400),
+    ("a 4,000-character query and instruction, 10,000 documents", lambda: json.dumps(
+        {"query": "q" * 4000, "instruction": "i" * 4000, "documents": [f"d{i}" for i in range(10_000)]}).encode(), 200),
+    ("the costliest body accepted", costliest_accepted_body, 200),
+]
+HOSTILE_ANSWERS: list[tuple[str, Callable[[], FaultHook], str, int]] = [
+    ("a 512 MiB classify answer", partial(streams_endlessly, 512 << 20), "/v1/rerank", 502),
+    ("an endless chunked classify answer", streams_endlessly, "/v1/rerank", 502),
+    ("a gzip bomb from Infinity", answers_a_gzip_bomb, "/v1/rerank", 502),
+    ("a 512 MiB /v1/models answer", partial(answers_forwarded, 512 << 20), "/v1/models", 502),
+    ("a 256 MiB /v1/embeddings answer, streamed", partial(answers_forwarded, 256 << 20), "/v1/embeddings", 200),
+]
+
+
+async def ask(session: ClientSession, path: str, data: bytes, headers: dict[str, str] | None = None
+              ) -> tuple[int, int, float]:
+    """Status, bytes of the answer (read in pieces: a streamed answer is never held whole here) and seconds."""
+    started = time.monotonic()
+    method = "GET" if path == "/v1/models" else "POST"
+    async with session.request(method, path, data=data or None, headers=headers) as response:
+        size = sum([len(piece) async for piece in response.content.iter_chunked(1 << 20)])
+        return response.status, size, time.monotonic() - started
+
+
+async def next_request_seconds(session: ClientSession) -> float:
+    answer = await post(session, NEXT)
+    assert_ranked(answer, NEXT)
+    return answer.seconds
+
+
+@pytest.mark.slow
+async def test_hostile_bodies_and_answers_are_refused_cheaply_and_keep_peak_memory_bounded(
+        spawn_proxy: Callable[..., Awaitable[ProxyProcess]], upstream: Upstream) -> None:
+    running = await spawn_proxy(upstream.fake.url)  # the defaults a user runs
+    figures: dict[str, Any] = {"rss_mib_at_start": round(running.rss / 2**20, 1)}
+    async with running.session(timeout=120) as session:
+        figures["next_request_ms_before"] = round(1000 * await next_request_seconds(session), 1)
+        bomb = gzip_bomb(8 << 20)  # 8 MB on the wire, 8 GiB decoded
+        for _ in range(30):
+            status, _, _ = await ask(session, "/v1/rerank", bomb, {"Content-Encoding": "gzip"})
+            assert status == 415
+        figures["next_request_ms_after_30_gzip_bombs"] = round(1000 * await next_request_seconds(session), 1)
+        figures["rss_mib_after_30_gzip_bombs"] = round(running.rss / 2**20, 1)
+        for name, body, expected in HOSTILE_BODIES:
+            status, _, seconds = await ask(session, "/v1/rerank", body())
+            assert status == expected, name
+            figures[f"{name}: seconds"] = round(seconds, 2)
+            await next_request_seconds(session)
+        for name, hook, path, expected in HOSTILE_ANSWERS:
+            upstream.fail_with(hook())
+            status, _, seconds = await ask(session, path, json.dumps(GOOD).encode() if path != "/v1/models" else b"")
+            upstream.heal()
+            assert status == expected, name
+            figures[f"{name}: seconds"] = round(seconds, 2)
+            await next_request_seconds(session)
+    figures["peak_rss_mib"] = round(peak_rss(running.process.pid) / 2**20, 1)
+    figures["command"] = "python -m pytest test_reliability.py -m slow -k hostile -s"
+    HOSTILE_FIGURES.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"\nhostile figures (also in {HOSTILE_FIGURES}): {json.dumps(figures)}")
+    assert figures["next_request_ms_after_30_gzip_bombs"] < figures["next_request_ms_before"] + 1000
+    assert figures["rss_mib_after_30_gzip_bombs"] < figures["rss_mib_at_start"] + 32
+    assert peak_rss(running.process.pid) < HOSTILE_RSS_BOUND
+    assert "Traceback" not in running.log.read_text()
 
 
 @dataclass
