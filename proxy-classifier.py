@@ -1576,6 +1576,9 @@ async def errors_and_log(request: web.Request, handler: Handler) -> web.StreamRe
                 response.headers["Allow"] = exc.headers["Allow"]
             if error.kind in REJECTED_AS:
                 app[METRICS].labelled(app[METRICS].rejected, REJECTED_AS[error.kind]).inc()
+            # Its traceback holds the handler's frames, and they the parsed request (hundreds of MB at most): not
+            # to be kept while the answer is written to a client that may be slow to read it.
+            error.__traceback__ = None
         except asyncio.CancelledError:
             log.info("request_id=%s %s %s cancelled: the client went away documents=%d ms=%.1f", request_id,
                      *method_and_path(request), stats["documents"], 1000 * (time.perf_counter() - started))
