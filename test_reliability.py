@@ -1326,7 +1326,7 @@ async def test_under_load_every_answer_is_its_own_and_memory_stays_flat(
 # ---------------------------------------------------------------------------------------------
 
 HOSTILE_FIGURES = Path("/tmp/proxy-hostile-figures.json")
-HOSTILE_RSS_BOUND = 2**30  # the README's bound for the defaults: under any of these, and under a flood of them
+HOSTILE_RSS_BOUND = 768 * 2**20  # the README's bound for the defaults (test_overload's FLOOD_RSS_BOUND)
 MOST = proxy.Config().max_body_size - 1000  # bytes: the largest hostile bodies, just inside --max-body-size
 WIDE = "\U0001F600abcdefghi"  # 16 bytes in a body as a JSON string and a comma, 4 bytes a character once parsed
 
