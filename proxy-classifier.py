@@ -1330,7 +1330,7 @@ async def models(request: web.Request) -> web.Response:
     return response
 
 
-async def forward_under_prefix(request: web.Request) -> web.Response:
+async def forward_under_prefix(request: web.Request) -> web.StreamResponse:
     if ".." in request.path.split("/"):  # decoded, so %2e%2e counts too
         raise RerankError(404, f"no route {request.method} {request.path}")
     return await forward_to_infinity(request, request.rel_url.raw_path)
