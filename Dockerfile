@@ -19,7 +19,10 @@ COPY proxy-classifier.py ./
 USER reranker
 EXPOSE 8002
 # Every option is an environment variable too (INFINITY_URL, MODEL, BATCH_SIZE, API_KEY, ...).
-ENV INFINITY_URL=http://infinity:7997/v1
+# Outside a container the proxy listens on 127.0.0.1 only; a container must listen on every interface to be
+# reached through its published port. Set API_KEY when the port is reachable by others.
+ENV INFINITY_URL=http://infinity:7997/v1 \
+    HOST=0.0.0.0
 
 # Slim images have no curl: the probe uses Python's standard library, on the port the proxy listens on (PORT).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=5s --retries=3 \

@@ -24,6 +24,7 @@ from typing import Any
 import psutil
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, settings
 
 ROOT = Path(__file__).resolve().parent
@@ -186,13 +187,16 @@ async def fake_infinity(aiohttp_server: Any) -> FakeInfinity:
 
 @pytest.fixture
 def make_proxy(aiohttp_client: Any, fake_infinity: FakeInfinity) -> Callable[..., Awaitable[Any]]:
-    """A test client for the proxy app, pointed at the fake Infinity unless told otherwise."""
+    """A test client for the proxy app, served as main() serves it (`server_options`: no request body is
+    ever decoded), pointed at the fake Infinity unless told otherwise."""
 
     async def make(**overrides: Any) -> Any:
         overrides.setdefault("infinity_url", fake_infinity.url)
         config = proxy.Config(**overrides)
         config.check()
-        return await aiohttp_client(proxy.make_app(config))
+        server = TestServer(proxy.make_app(config))
+        await server.start_server(**proxy.server_options(config))
+        return await aiohttp_client(server)
 
     return make
 
@@ -231,6 +235,14 @@ def listens_on(pid: int, port: int) -> bool:
                    for process in family for connection in tcp_connections(process))
     except psutil.Error:  # it has just exited
         return False
+
+
+def peak_rss(pid: int) -> int:
+    """The process's resident memory high-water mark (VmHWM), in bytes: a true peak, not a sample."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
 
 
 @pytest.fixture

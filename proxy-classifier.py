@@ -223,7 +223,9 @@ READINESS_PROBE_SECONDS = 0.8
 
 @dataclass(frozen=True)
 class Config:
-    host: str = "0.0.0.0"
+    # Loopback unless told otherwise: a proxy with no --api-key must not be open to the network by accident.
+    # The image sets HOST=0.0.0.0, where a container needs it.
+    host: str = "127.0.0.1"
     port: int = 8002
     infinity_url: str = "http://localhost:7997/v1"
     model: str = "michaelfeil/mxbai-rerank-base-v2-seq"
@@ -316,7 +318,7 @@ class Config:
 
 # flag, type, help. The environment variable is the flag upper-cased with underscores.
 OPTIONS: list[tuple[str, type, str]] = [
-    ("--host", str, "address to listen on"),
+    ("--host", str, "address to listen on (0.0.0.0: every interface; then set --api-key)"),
     ("--port", int, "port to listen on"),
     ("--infinity-url", str, "Infinity's base URL including its --url-prefix"),
     ("--model", str, "model name sent to Infinity and echoed when a request names none"),
@@ -337,8 +339,8 @@ OPTIONS: list[tuple[str, type, str]] = [
     ("--infinity-api-key", str, "bearer token the proxy sends to Infinity"),
     ("--log-level", str, "DEBUG, INFO, WARNING or ERROR"),
     ("--max-concurrent-requests", int, "requests handled at once; more are refused at once (429 overloaded_error)"),
-    ("--max-pending-bytes", int, f"bytes of request bodies, and {PROMPT_BYTES} a prompt, held at once; more are "
-     "refused at once (429 overloaded_error)"),
+    ("--max-pending-bytes", int, f"bytes of request bodies, and {PROMPT_BYTES} a prompt plus its query and "
+     "instruction, held at once; more are refused at once (429 overloaded_error)"),
     ("--client-timeout", float, "seconds a client may take to send its headers, and then its body (else 408 "
      "or the connection is closed), and to read its answer"),
 ]
@@ -396,7 +398,8 @@ class RerankError(Exception):
 
     TYPES: ClassVar[dict[int, str]] = {
         400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-        405: "method_not_allowed", 408: "request_timeout_error", 413: "request_too_large", 429: "rate_limit_error",
+        405: "method_not_allowed", 408: "request_timeout_error", 413: "request_too_large",
+        415: "unsupported_media_type", 429: "rate_limit_error",
         502: "upstream_error", 503: "service_unavailable", 504: "timeout_error",
     }
 
@@ -535,10 +538,11 @@ json_loads = stdlib_json_loads if orjson is None else orjson_loads
 json_dumps = stdlib_json_dumps if orjson is None else orjson_dumps
 
 
-def decode_body(raw: bytes) -> dict[str, Any]:
+def decode_body(raw: bytes, max_documents: int = Config.max_documents) -> dict[str, Any]:
     """The request body as a JSON object, whatever its Content-Type says (curl without -H)."""
     if not raw or raw.isspace():
         raise bad_request("the request body is empty; send a JSON object with 'query' and 'documents'")
+    refuse_json_that_expands(raw, max_documents)
     too_deep = f"the request body is nested too deeply: at most {MAX_BODY_NESTING} levels"
     try:
         body = json_loads(raw)
@@ -551,6 +555,43 @@ def decode_body(raw: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {json_type(body)}")
     return body
+
+
+# What a parsed body costs depends on how many JSON values it holds, not on its bytes: an empty list costs Python
+# 56 bytes and takes 3 in the body ("[],"), a two-letter string 56 and 5 ('"ab",'): 32 MiB of them in an ignored
+# field took 20 times the body and seconds to build. So a body may hold 8 values a document it may carry, and one
+# per 16 bytes beyond that, counted before it is parsed as the commas, "[" and "{" outside strings (every value
+# but a container's first follows a comma): values then cost at most about 5 times the body. A body under 1 MiB is
+# parsed whatever it holds (a few tens of MB at most), so that its error says what is wrong with it (a deep
+# nesting, say) rather than how many values it has.
+VALUES_PER_DOCUMENT = 8
+BODY_BYTES_PER_VALUE = 16
+VALUES_COUNTED_FROM = 1 << 20  # body bytes
+_NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'",[{')))
+_STRUCTURE_IN_A_STRING = re.compile(rb'"([^"]*)"')  # quote pairs, empty strings too: they must pair up
+
+
+def refuse_json_that_expands(raw: bytes, max_documents: int) -> None:
+    """A 400, before parsing, for a body of more values than its size justifies. Counted first cheaply, commas and
+    brackets in text included; only a body over the bound by that count is counted again without its strings
+    (text full of commas or brackets, such as code or CSV, is no reason to refuse)."""
+    allowed = VALUES_PER_DOCUMENT * max_documents + len(raw) // BODY_BYTES_PER_VALUE
+    if len(raw) < VALUES_COUNTED_FROM or raw.count(b",") + raw.count(b"[") + raw.count(b"{") <= allowed:
+        return
+    found = values_outside_strings(raw)
+    if found > allowed:
+        raise bad_request(f"the request body holds about {found} JSON values, more than a body of {len(raw)} bytes "
+                          f"may ({allowed}: {VALUES_PER_DOCUMENT} a document and one per {BODY_BYTES_PER_VALUE} "
+                          "bytes); leave out what the proxy does not need")
+
+
+def values_outside_strings(raw: bytes) -> int:
+    """The commas, "[" and "{" of a JSON text that are not inside a string, in C-level passes over the bytes:
+    escaped backslashes and quotes are dropped, then everything but quotes, commas and brackets, and what is left
+    between two quotes was text."""
+    structure = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE)
+    in_strings = sum(map(len, _STRUCTURE_IN_A_STRING.findall(structure)))
+    return len(structure) - structure.count(b'"') - in_strings
 
 
 # Far deeper than any real document, and far enough below Python's recursion limit that encoding a
@@ -615,13 +656,12 @@ def parse_rerank(body: dict[str, Any], config: Config) -> RerankRequest:
         raise bad_request(
             f"too many documents: {len(documents)}, at most {config.max_documents} in one request; "
             "split them into several requests", "documents")
-    rank_fields = optional_field(body, "rank_fields", "list")
-    for i, field in enumerate(rank_fields or []):
-        if not isinstance(field, str):
-            raise bad_request(f"rank_fields[{i}] must be a string, got {json_type(field)}", f"rank_fields[{i}]")
+    rank_fields = checked_rank_fields(optional_field(body, "rank_fields", "list"))
     top_n = optional_field(body, "top_n", "integer")
     return_documents = optional_field(body, "return_documents", "boolean")
     model = optional_field(body, "model", "string")
+    if model is not None and len(model) > MAX_NAME_CHARS:  # it goes into every /classify body and the answer
+        raise bad_request(f"'model' is {len(model)} characters, at most {MAX_NAME_CHARS}", "model")
     instruction = optional_field(body, "instruction", "string")
     if instruction is not None and len(instruction) > config.max_query_chars:
         raise bad_request(
@@ -652,6 +692,26 @@ def parse_rerank(body: dict[str, Any], config: Config) -> RerankRequest:
         max_chunks_per_doc=max_chunks or config.max_chunks_per_doc,
         max_tokens_per_doc=max_tokens,
     )
+
+
+MAX_RANK_FIELDS = 32
+MAX_NAME_CHARS = 256  # a rank field's name, a model's
+
+
+def checked_rank_fields(rank_fields: list[Any] | None) -> list[str] | None:
+    """The fields to score, each once, in the order first named: a field named twice would put its value into
+    every prompt twice (a 1 MB field named 400 times: 400 MB of prompts)."""
+    if rank_fields is None:
+        return None
+    if len(rank_fields) > MAX_RANK_FIELDS:
+        raise bad_request(f"'rank_fields' has {len(rank_fields)} entries, at most {MAX_RANK_FIELDS}", "rank_fields")
+    for i, field in enumerate(rank_fields):
+        if not isinstance(field, str):
+            raise bad_request(f"rank_fields[{i}] must be a string, got {json_type(field)}", f"rank_fields[{i}]")
+        if len(field) > MAX_NAME_CHARS:
+            raise bad_request(f"rank_fields[{i}] is {len(field)} characters, at most {MAX_NAME_CHARS}",
+                              f"rank_fields[{i}]")
+    return list(dict.fromkeys(rank_fields))
 
 
 TRUNCATION_DIRECTIONS = ("left", "right")  # TEI's; Haystack sends "Left"/"Right"
@@ -1016,6 +1076,36 @@ def tei_info(config: Config, template: Template, check: AnchorCheck | None) -> d
 # --------------------------------------------------------------------------------------------
 
 RETRY_AFTER = "Retry-After"
+IDENTITY = ("", "identity")  # a Content-Encoding that is no encoding
+# Infinity's answers are read up to a size their call justifies, never decoded: a larger, compressed or endless
+# answer is a 502 (504 past --timeout) with bounded memory. A /classify item is about 90 bytes (two labels, two
+# scores): 1 KiB an input and 64 KiB for the rest (usage, model, id; an error's detail) leave room to spare.
+CLASSIFY_ANSWER_BYTES_PER_INPUT = 1024
+ANSWER_BYTES = 64 * 1024
+MODELS_ANSWER_BYTES = 1024 * 1024  # GET /models: Infinity's list of a few models is a few KB
+FORWARD_CHUNK_BYTES = 64 * 1024  # other forwarded routes are streamed through, a piece at a time
+
+
+class BadAnswer(RerankError):
+    """An answer from Infinity that the proxy will not take: too large, or compressed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(502, message)
+
+
+async def bounded_answer(response: Any, most: int, url: Any) -> bytes:
+    """Infinity's answer, read as it arrives and refused the moment it passes `most` bytes."""
+    encoding = response.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in IDENTITY:  # the proxy asks for none, and does not decode one (a bomb would cost GBs)
+        raise BadAnswer(f"Infinity answered {url} compressed (Content-Encoding: {encoding[:40]}), though the "
+                        "proxy asks for identity")
+    pieces, size = [], 0
+    async for piece in response.content.iter_chunked(FORWARD_CHUNK_BYTES):
+        size += len(piece)
+        if size > most:
+            raise BadAnswer(f"Infinity's answer from {url} passed {most} bytes, more than its call can justify")
+        pieces.append(piece)
+    return b"".join(pieces)
 
 
 def infinity_message(status: int, body: bytes) -> str:
@@ -1077,13 +1167,15 @@ class Infinity:
         # before Infinity does, so stale ones stay rare. DNS answers are cached for aiohttp's default
         # 10 s only: a recreated Infinity container with a new address is found again quickly.
         connector = TCPConnector(limit=self.config.max_concurrency + 16, limit_per_host=0, keepalive_timeout=4)
-        self.session = ClientSession(timeout=timeout, connector=connector, auto_decompress=True,
-                                     skip_auto_headers=("User-Agent",), trace_configs=[reuse_tracing()])
+        # No compressed answers: asked for none, and none decoded (bounded_answer refuses one).
+        plain = {"auto_decompress": False, "headers": {"Accept-Encoding": "identity"}}
+        self.session = ClientSession(timeout=timeout, connector=connector, skip_auto_headers=("User-Agent",),
+                                     trace_configs=[reuse_tracing()], **plain)
         # For the single retry after a stale keep-alive connection: this one never reuses one.
-        self.fresh_session = ClientSession(timeout=timeout, connector=TCPConnector(force_close=True))
+        self.fresh_session = ClientSession(timeout=timeout, connector=TCPConnector(force_close=True), **plain)
         # Probes are open without a key: their own small pool, so a flood of them never takes the
         # connections that classify calls need.
-        self.probe_session = ClientSession(connector=TCPConnector(limit=4, keepalive_timeout=4))
+        self.probe_session = ClientSession(connector=TCPConnector(limit=4, keepalive_timeout=4), **plain)
 
     async def close(self) -> None:
         for session in (self.session, self.fresh_session, self.probe_session):
@@ -1114,10 +1206,12 @@ class Infinity:
                 self.in_flight += 1
                 started = time.perf_counter()
                 try:
+                    most = ANSWER_BYTES + CLASSIFY_ANSWER_BYTES_PER_INPUT * expected
                     status, answer_headers, raw = await self._post_classify(
-                        body, headers, self.session if pooled else self.fresh_session)
+                        body, headers, most, self.session if pooled else self.fresh_session)
                 except RerankError as exc:
-                    outcome = "timeout" if exc.status == 504 else "unreachable"
+                    outcome = "timeout" if exc.status == 504 else "bad_answer" if isinstance(
+                        exc, BadAnswer) else "unreachable"
                     raise
                 finally:
                     self.in_flight -= 1
@@ -1146,7 +1240,7 @@ class Infinity:
         finally:
             self.metrics.labelled(self.metrics.upstream_calls, outcome).inc()
 
-    async def _post_classify(self, body: bytes, headers: dict[str, str],
+    async def _post_classify(self, body: bytes, headers: dict[str, str], most: int,
                              session: ClientSession) -> tuple[int, Any, bytes]:
         headers = {"Content-Type": "application/json", **headers}
         for attempt in (1, 2):
@@ -1155,7 +1249,7 @@ class Infinity:
                 # A redirect is Infinity's answer, not an address to send the prompts to.
                 async with session.post(self.classify_url, data=body, headers=headers, allow_redirects=False,
                                         trace_request_ctx=connection) as response:
-                    return response.status, response.headers, await response.read()
+                    return response.status, response.headers, await bounded_answer(response, most, self.classify_url)
             except (client_exceptions.ServerDisconnectedError, client_exceptions.ClientOSError) as exc:
                 # A keep-alive connection that Infinity closed between two requests fails before any
                 # answer. /classify has no side effects, so it is retried once, on a new connection.
@@ -1223,8 +1317,10 @@ class Infinity:
             tokens += batch_tokens
         return scores, tokens
 
-    async def forward(self, method: str, raw_path: str, raw_query: str, body: bytes,
-                      headers: dict[str, str]) -> tuple[int, Any, bytes]:
+    @contextlib.asynccontextmanager
+    async def forwarded(self, method: str, raw_path: str, raw_query: str, body: bytes,
+                        headers: dict[str, str]) -> AsyncIterator[Any]:
+        """Infinity's answer to a forwarded call, its status and headers in and its body still to read."""
         # The configured origin, then the client's path: no request can name another host.
         url = URL(str(self.origin) + raw_path + ("?" + raw_query if raw_query else ""), encoded=True)
         if url.origin() != self.origin:
@@ -1232,9 +1328,15 @@ class Infinity:
         try:
             async with self.session.request(method, url, data=body or None, headers=headers,
                                             allow_redirects=False) as response:  # verbatim, redirects too
-                return response.status, response.headers, await response.read()
+                yield response
         except (client_exceptions.ClientError, asyncio.TimeoutError) as exc:
             raise self.unreachable(exc, url) from None
+
+    async def forward(self, method: str, raw_path: str, raw_query: str, body: bytes, headers: dict[str, str],
+                      most: int = MODELS_ANSWER_BYTES) -> tuple[int, Any, bytes]:
+        """A forwarded call's whole answer, up to `most` bytes (else a 502)."""
+        async with self.forwarded(method, raw_path, raw_query, body, headers) as response:
+            return response.status, response.headers, await bounded_answer(response, most, response.url)
 
     async def served_models(self, headers: dict[str, str]) -> list[str]:
         """The model ids Infinity lists at {prefix}/models; none when it cannot say."""
@@ -1250,12 +1352,14 @@ class Infinity:
         url = self.origin / "health"
         try:
             async with self.probe_session.get(url, timeout=ClientTimeout(total=within)) as response:
-                await response.read()
+                await bounded_answer(response, ANSWER_BYTES, url)
                 return "ok" if response.status == 200 else f"{url} answered {response.status}"
         except asyncio.TimeoutError:
             return f"{url} did not answer within {within:g} s"
         except client_exceptions.ClientError as exc:
             return f"cannot reach {url}: {exc or type(exc).__name__}"
+        except BadAnswer as exc:
+            return exc.message
 
 
 @dataclass(frozen=True)
@@ -1379,7 +1483,15 @@ TOKENS = web.AppKey("tokens", TokenCounter)
 REQUEST_ID = "X-Request-ID"
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
 STATS = web.RequestKey("stats", dict)  # per request: what the log line reports
-_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a short printable token, safe in a log line as it is
+_UNSAFE_IN_LOG = re.compile(r'[\x00-\x20\x7f"\\]')
+
+
+def escaped_for_log(value: str) -> str:
+    """A value taken from a request, made one log token: control characters (a newline would forge a line, ESC a
+    terminal sequence), spaces, quotes and backslashes become \\xNN, and anything outside ASCII a \\u escape."""
+    escaped = _UNSAFE_IN_LOG.sub(lambda match: f"\\x{ord(match.group()):02x}", value)
+    return escaped.encode("ascii", "backslashreplace").decode("ascii")
 
 
 def upstream_headers(request: web.Request) -> dict[str, str]:
@@ -1394,15 +1506,18 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 async def rerank(request: web.Request, shape: AnswerShape, speaks_tei: bool = False) -> web.Response:
     config = request.app[CONFIG]
-    body = decode_body(await read_body(request))
+    body = decode_body(await read_body(request), config.max_documents)
     if speaks_tei and body.get("texts") is not None:  # TEI's dialect shares /rerank and /v1/rerank
         body, shape = rerank_body_from_tei(body, config), tei_answer
     rerank_request = parse_rerank(body, config)
+    del body  # the fields the proxy ignores are not held while Infinity works
     stats = request[STATS]
     stats["documents"] = len(rerank_request.documents)
     template = DEFAULT_TEMPLATE
     plan = plan_prompts(rerank_request, config, request.app[TOKENS], template)
-    request.app[ADMISSION].take(stats, PROMPT_BYTES * len(plan.unique_texts))  # before their bodies are built
+    # Before their bodies are built. Each prompt carries the query and the instruction (up to 2 * --max-query-chars).
+    prompt_bytes = PROMPT_BYTES + len(escaped_utf8(plan.prompt_head))
+    request.app[ADMISSION].take(stats, prompt_bytes * len(plan.unique_texts))
     calls = classify_bodies(rerank_request.model, plan, config.batch_size, template.anchors[0])
     stats["chunks"] = len(plan.unique_texts)
     # All calls start at once: counted here, the log line of a failed request shows them too.
@@ -1490,34 +1605,67 @@ async def info(request: web.Request) -> web.Response:
 
 
 async def models(request: web.Request) -> web.Response:
-    return await forward_to_infinity(request, request.app[INFINITY].models_path)
+    """Infinity's model list, status and body verbatim, read whole (at most MODELS_ANSWER_BYTES)."""
+    body = await read_body(request)
+    infinity = request.app[INFINITY]
+    status, answer_headers, answer = await infinity.forward(
+        request.method, infinity.models_path, request.rel_url.raw_query_string, body, forwarded_headers(request))
+    request[STATS]["upstream_calls"] = 1
+    if status in (401, 403) and infinity.uses_own_key():
+        raise infinity.failure(status, answer_headers, answer)  # the proxy's key: a 502, as for reranks
+    response = web.Response(status=status, body=answer)
+    copy_answer_headers(answer_headers, response)
+    return response
 
 
-async def forward_under_prefix(request: web.Request) -> web.Response:
+async def forward_under_prefix(request: web.Request) -> web.StreamResponse:
     if ".." in request.path.split("/"):  # decoded, so %2e%2e counts too
         raise RerankError(404, f"no route {request.method} {request.path}")
     return await forward_to_infinity(request, request.rel_url.raw_path)
 
 
-async def forward_to_infinity(request: web.Request, raw_path: str) -> web.Response:
-    """Infinity's own answer, status and body verbatim: one base URL serves embeddings too."""
+async def forward_to_infinity(request: web.Request, raw_path: str) -> web.StreamResponse:
+    """Infinity's own answer, status and body verbatim: one base URL serves embeddings too. The body is
+    streamed through a piece at a time, so an answer of any size (or one that never ends) costs a piece of
+    memory, and --timeout bounds it."""
     body = await read_body(request)
     refuse_blank_inputs(body)
+    infinity, config = request.app[INFINITY], request.app[CONFIG]
+    request[STATS]["upstream_calls"] = 1
+    async with infinity.forwarded(request.method, raw_path, request.rel_url.raw_query_string, body,
+                                  forwarded_headers(request)) as answer:
+        if answer.status in (401, 403) and infinity.uses_own_key():  # the proxy's key: a 502, as for reranks
+            raise infinity.failure(answer.status, answer.headers, await bounded_answer(answer, ANSWER_BYTES, raw_path))
+        response = web.StreamResponse(status=answer.status)
+        copy_answer_headers(answer.headers, response, "Content-Encoding")  # never decoded here: passed on as is
+        response.headers[REQUEST_ID] = request[REQUEST_ID_KEY]
+        response.content_length = answer.content_length
+        await response.prepare(request)
+        try:
+            async with deadline_in(config.timeout):
+                async for piece in answer.content.iter_chunked(FORWARD_CHUNK_BYTES):
+                    await response.write(piece)
+        except (client_exceptions.ClientError, asyncio.TimeoutError):
+            # Begun, the answer cannot become an error any more: the client sees it cut short, as it was.
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        await response.write_eof()
+    return response
+
+
+def forwarded_headers(request: web.Request) -> dict[str, str]:
     headers = upstream_headers(request)
     for name in ("Content-Type", "Accept"):
         if name in request.headers:
             headers[name] = request.headers[name]
-    infinity = request.app[INFINITY]
-    status, answer_headers, answer = await infinity.forward(
-        request.method, raw_path, request.rel_url.raw_query_string, body, headers)
-    request[STATS]["upstream_calls"] = 1
-    if status in (401, 403) and infinity.uses_own_key():
-        raise infinity.failure(status, answer_headers, answer)  # the proxy's key: a 502, as for reranks
-    response = web.Response(status=status, body=answer)
-    for name in ("Content-Type", RETRY_AFTER, "Location"):
+    return headers
+
+
+def copy_answer_headers(answer_headers: Any, response: web.StreamResponse, *more: str) -> None:
+    for name in ("Content-Type", RETRY_AFTER, "Location", *more):
         if name in answer_headers:
             response.headers[name] = answer_headers[name]
-    return response
 
 
 def refuse_blank_inputs(body: bytes) -> None:
@@ -1579,7 +1727,7 @@ class Admission:
         could be refused for ever."""
         if self.bytes + more > self.max_bytes and self.bytes > stats["held_bytes"]:
             raise overloaded(f"the requests in hand ({self.bytes} bytes of bodies and prompts, {PROMPT_BYTES} a "
-                             f"prompt) and this one would pass --max-pending-bytes ({self.max_bytes})")
+                             f"prompt and its query) and this one would pass --max-pending-bytes ({self.max_bytes})")
         self.bytes += more
         stats["held_bytes"] += more
 
@@ -1707,6 +1855,7 @@ async def errors_and_log(request: web.Request, handler: Handler) -> web.StreamRe
             if config.api_key and request.path not in OPEN_PATHS and not bearer_matches(
                     request.headers.get("Authorization"), config.api_key):
                 raise RerankError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+            refuse_encoded_body(request)
             if resource is not None and route not in NEVER_REFUSED:
                 app[ADMISSION].admit(stats, request.content_length)
                 admission = app[ADMISSION]
@@ -1718,29 +1867,52 @@ async def errors_and_log(request: web.Request, handler: Handler) -> web.StreamRe
                 response.headers["Allow"] = exc.headers["Allow"]
             if error.kind in REJECTED_AS:
                 app[METRICS].labelled(app[METRICS].rejected, REJECTED_AS[error.kind]).inc()
-            if error.status == 408:
-                response.force_close()  # "Connection: close": part of the body came, the connection cannot carry more
+            # Its traceback holds the handler's frames, and they the parsed request (hundreds of MB at most): not
+            # to be kept while the answer is written to a client that may be slow to read it.
+            error.__traceback__ = None
         except asyncio.CancelledError:
             log.info("request_id=%s %s %s cancelled: the client went away documents=%d ms=%.1f", request_id,
-                     request.method, request.path, stats["documents"], 1000 * (time.perf_counter() - started))
+                     *method_and_path(request), stats["documents"], 1000 * (time.perf_counter() - started))
             raise
         except Exception:
-            log.exception("request_id=%s %s %s failed: a bug", request_id, request.method, request.path)
+            log.exception("request_id=%s %s %s failed: a bug", request_id, *method_and_path(request))
             response = error_response(RerankError(500, f"internal error; quote request id {request_id}"))
         response.headers[REQUEST_ID] = request_id
         status = response.status
-        if admission is not None:  # the answer is written while its request still counts against the bounds
+        # Refusing is free: an answer given before the whole body came (401, 404, 405, 413, 415, 429, 408) leaves
+        # the rest unread, and the connection is closed once the answer is out. aiohttp would otherwise read and
+        # discard the rest (for up to 10 s) before the connection could carry another request.
+        body_left = request.body_exists and not request.content.is_eof()
+        if body_left:
+            response.force_close()  # "Connection: close"
+        if admission is not None or body_left:  # an admitted request's answer is written while it still counts
             await deliver(request, response, config.client_timeout)
-            if status == 408 and request.transport is not None:
-                request.transport.close()  # at once: aiohttp would wait up to 10 s more for the rest of the body
+            if body_left and request.transport is not None:
+                request.transport.close()
     finally:
         if admission is not None:
             admission.release(stats)
         app[METRICS].answered(route, status, time.perf_counter() - started, stats["documents"])
     log.info("request_id=%s %s %s status=%d documents=%d chunks=%d upstream_calls=%d ms=%.1f", request_id,
-             request.method, request.path, status, stats["documents"], stats["chunks"],
+             *method_and_path(request), status, stats["documents"], stats["chunks"],
              stats["upstream_calls"], 1000 * (time.perf_counter() - started))
     return response
+
+
+def refuse_encoded_body(request: web.Request) -> None:
+    """A compressed body is refused from its headers, before any of it is read or decoded. Infinity decodes
+    none either, and no rerank client compresses its bodies; so every bound (--max-body-size,
+    --max-pending-bytes) counts the bytes the proxy really holds, and a gzip bomb costs nothing."""
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if request.body_exists and encoding not in IDENTITY:
+        shown = escaped_for_log(request.headers["Content-Encoding"][:40])
+        raise RerankError(415, f"Content-Encoding {shown!r} is not accepted: send the request body uncompressed "
+                          "(no Content-Encoding header, or 'identity')")
+
+
+def method_and_path(request: web.Request) -> tuple[str, str]:
+    """For the log line: both come from the request, so both are escaped (one request, one line)."""
+    return escaped_for_log(request.method), escaped_for_log(request.path)
 
 
 async def deliver(request: web.Request, response: web.StreamResponse, within: float) -> None:
@@ -1823,7 +1995,8 @@ def server_options(config: Config) -> dict[str, Any]:
     # aiohttp's keep-alive timer runs from a connection's opening and from each answer until the next
     # request's headers are complete: at --client-timeout it closes an idle connection, and one whose
     # headers never finish (aiohttp itself bounds only their size). The body has its own deadline (read_body).
-    return {"keepalive_timeout": config.client_timeout}
+    # auto_decompress off: a request body is never decoded (refuse_encoded_body answers 415 from the headers).
+    return {"keepalive_timeout": config.client_timeout, "auto_decompress": False}
 
 
 # Each client connection takes a file descriptor: the usual soft limit (1024) would refuse connections long

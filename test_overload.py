@@ -27,7 +27,7 @@ from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 import test_reliability
-from conftest import ROOT, SERVED_MODEL, FakeInfinity, free_port, proxy
+from conftest import ROOT, SERVED_MODEL, FakeInfinity, free_port, peak_rss, proxy
 from test_reliability import GOOD, ProxyProcess, answers, assert_ranked, eventually, post, spawn_proxy, upstream  # noqa: F401  (fixtures, used by name)
 
 Serve = Callable[..., Awaitable[Any]]
@@ -235,6 +235,21 @@ async def test_a_request_with_more_prompts_than_the_bound_allows_beside_those_in
     assert fake_infinity.classify_bodies == []  # refused before any upstream call
     holder.close()
     assert (await post(client, {"query": "q", "documents": [f"d{i}" for i in range(20)]})).status == 200
+
+
+async def test_each_prompt_counts_its_query_and_instruction_against_max_pending_bytes(
+        serve: Serve, fake_infinity: FakeInfinity) -> None:
+    # Every prompt carries the query and the instruction: a 4,000-character query costs 4 KB in each of them.
+    client = await serve(max_body_size=20_000, max_documents=20, max_pending_bytes=60_000)
+    holder = await holding(client, 20_000)
+    documents = [f"d{i}" for i in range(10)]
+    short = await post(client, {"query": "q", "documents": documents})  # 10 prompts of about 1.7 KB
+    assert short.status == 200, short.body
+    long = await post(client, {"query": "q" * 4_000, "documents": documents})  # 10 prompts of about 5.7 KB
+    assert_overloaded(long.status, {k.lower(): v for k, v in long.headers.items()}, long.body, "bodies and prompts")
+    holder.close()
+    assert await eventually(lambda: admission(client).requests == 0)
+    assert (await post(client, {"query": "q" * 4_000, "documents": documents})).status == 200
 
 
 @pytest.mark.parametrize("path", ["/health", "/ready", "/metrics"])
@@ -537,14 +552,6 @@ def record(section: str, figures: dict[str, Any]) -> None:
     print(f"\n{section} figures (also in {FLOOD_FIGURES}): {json.dumps(figures)}")
 
 
-def peak_rss(pid: int) -> int:
-    """The process's resident memory high-water mark (VmHWM), in bytes: a true peak, not a sample."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
-
-
 def flood_body(i: int) -> bytes:
     """Even i: 10,000 documents in a body just under 32 MiB, each with one character outside the BMP
     (Python then holds the text at 4 bytes a character: the costliest bytes there are). Odd i: 10,000
@@ -636,6 +643,39 @@ async def test_a_flood_of_maximum_size_requests_keeps_peak_memory_bounded_and_ge
 
 
 FLOOD_WAVE = 48  # concurrent requests in each wave: half of them 32 MiB bodies
+
+
+@pytest.mark.slow
+async def test_a_flood_of_the_costliest_bodies_accepted_keeps_peak_memory_under_the_bound(
+        spawn_proxy: Callable[..., Awaitable[ProxyProcess]], lean_infinity: str) -> None:  # noqa: F811
+    # Each body holds as many values as a body may, as strings Python holds at 4 bytes a character, echoed back:
+    # about 12 times its size in the proxy (test_reliability's hostile test measures one alone).
+    running = await spawn_proxy(lean_infinity, "--log-level", "WARNING")
+    body = test_reliability.costliest_accepted_body()
+    statuses: dict[int, int] = {}
+
+    async def ask(session: ClientSession) -> None:
+        async with session.post("/v1/rerank", data=body) as response:
+            answer = await response.json()
+            statuses[response.status] = statuses.get(response.status, 0) + 1
+            assert response.status in (200, 429), answer
+            assert response.status == 429 or len(answer["results"]) == FLOOD_DOCUMENTS
+
+    started = time.monotonic()
+    async with running.session(connections=0, timeout=FLOOD_DEADLINE) as session:
+        for _ in range(2):
+            await asyncio.wait_for(asyncio.gather(*(ask(session) for _ in range(COSTLY_WAVE))), FLOOD_DEADLINE)
+    peak = peak_rss(running.process.pid)
+    record("costliest bodies", {
+        "requests": 2 * COSTLY_WAVE, "concurrent": COSTLY_WAVE, "body_mib": round(len(body) / 2**20, 1),
+        "statuses": statuses, "seconds": round(time.monotonic() - started, 1), "peak_rss_mib": round(peak / 2**20, 1),
+        "rss_bound_mib": FLOOD_RSS_BOUND / 2**20,
+        "command": "python -m pytest test_overload.py -m slow -k costliest -s"})
+    assert statuses.get(200, 0) >= 2, statuses
+    assert peak < FLOOD_RSS_BOUND
+
+
+COSTLY_WAVE = 16  # concurrent 29 MiB bodies in each wave
 
 
 @pytest.mark.slow

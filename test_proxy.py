@@ -18,13 +18,24 @@ import time
 import uuid
 from typing import Any
 
+import psutil
 import pytest
 import yaml
 from aiohttp import web
 from aioresponses import aioresponses
 from yarl import URL
 
-from conftest import LOADED_MACHINE_SLACK, ROOT, SERVED_MODEL, document_in, hashed_probability, proxy
+from conftest import (
+    LOADED_MACHINE_SLACK,
+    ROOT,
+    SERVED_MODEL,
+    document_in,
+    free_port,
+    hashed_probability,
+    listens_on,
+    proxy,
+    tcp_connections,
+)
 
 QUERY = "What is the capital of the United States?"
 DOCUMENTS = [
@@ -277,6 +288,37 @@ async def test_rank_fields_score_field_lines_in_the_given_order(client: Any, fak
     assert [document_in(p) for p in fake_infinity.inputs] == [
         'title: Paris\nbody: Capital of France\ntags: ["a","b"]', "body: only body", "a string document"]
     assert {r["index"]: r["document"] for r in answer["results"]}[0] == documents[0]
+
+
+async def test_a_rank_field_named_twice_is_scored_once(client: Any, fake_infinity: Any) -> None:
+    documents = [{"title": "Paris", "body": "Capital of France"}]
+    status, _ = await rerank(client, {"query": "q", "documents": documents,
+                                      "rank_fields": ["title", "body", "title", "body", "title"]})
+    assert status == 200
+    assert [document_in(p.strip()) for p in fake_infinity.inputs] == ["title: Paris\nbody: Capital of France"]
+
+
+@pytest.mark.parametrize(("change", "param", "words"), [
+    ({"rank_fields": [f"f{i}" for i in range(33)]}, "rank_fields", ["33 entries", "at most 32"]),
+    ({"rank_fields": ["title"] * 400}, "rank_fields", ["400 entries", "at most 32"]),
+    ({"rank_fields": ["title", "x" * 257]}, "rank_fields[1]", ["257 characters", "at most 256"]),
+    ({"model": "m" * 257}, "model", ["257 characters", "at most 256"]),
+    ({"instruction": "i" * 4001}, "instruction", ["4001 characters", "at most 4000"]),
+], ids=["33 rank_fields", "one rank field 400 times", "a long rank field", "a long model", "a long instruction"])
+async def test_a_field_that_would_multiply_memory_is_400_naming_it(
+        client: Any, fake_infinity: Any, change: dict[str, Any], param: str, words: list[str]) -> None:
+    body = {"query": "q", "documents": [{"title": "x" * 1000}], **change}
+    status, answer = await rerank(client, body)
+    assert_error(status, answer, 400, *words, param=param)
+    assert fake_infinity.classify_bodies == []
+
+
+async def test_rank_fields_and_model_at_their_limits_are_served(client: Any, fake_infinity: Any) -> None:
+    fields = [f"{i:0256d}" for i in range(32)]
+    status, answer = await rerank(client, {"query": "q", "rank_fields": fields, "model": "m" * 256,
+                                           "documents": [{fields[0]: "a", fields[31]: "b"}]})
+    assert status == 200 and answer["model"] == "m" * 256
+    assert document_in(fake_infinity.inputs[0].strip()) == f"{fields[0]}: a\n{fields[31]}: b"
 
 
 async def test_rank_fields_empty_list_is_the_same_as_absent(client: Any, fake_infinity: Any) -> None:
@@ -831,11 +873,12 @@ async def test_a_bug_is_500_with_request_id_logged_with_traceback(
 
 
 async def test_request_id_is_kept_when_valid_and_replaced_when_not(client: Any, fake_infinity: Any) -> None:
-    response = await client.post("/v1/rerank", json={"query": "q", "documents": ["a"]},
-                                 headers={"X-Request-ID": "abc.DEF_1-2"})
-    assert response.headers["X-Request-ID"] == "abc.DEF_1-2"
-    assert fake_infinity.classify_headers[0]["X-Request-ID"] == "abc.DEF_1-2"
-    for bad in ("has space", "x" * 129, "semi;colon"):
+    for good in ("abc.DEF_1-2", "trace:span:1", "x" * 128):
+        response = await client.post("/v1/rerank", json={"query": "q", "documents": ["a"]},
+                                     headers={"X-Request-ID": good})
+        assert response.headers["X-Request-ID"] == good
+        assert fake_infinity.classify_headers[-1]["X-Request-ID"] == good
+    for bad in ("has space", "x" * 129, "semi;colon", "slash/", "quote\"", "caf\u00e9", "tab\there"):
         response = await client.post("/v1/rerank", json={"query": "q", "documents": ["a"]},
                                      headers={"X-Request-ID": bad})
         assert re.fullmatch(r"[0-9a-f]{32}", response.headers["X-Request-ID"])
@@ -853,6 +896,27 @@ async def test_one_info_line_per_request_without_query_or_document_text(
     assert "request_id=rid-1" in lines[0] and "status=200" in lines[0] and "/v1/rerank" in lines[0]
     assert "documents=2 chunks=1 upstream_calls=1" in lines[0]
     assert "secret" not in caplog.text
+
+
+@pytest.mark.parametrize("path", ["/v1/rerank%0aINFO%20forged%20line%1b[31m", "/x%0d%0a%e2%80%a8%c2%85\\%22",
+                                  "/%f0%9f%a6%80%20%7f"])
+async def test_a_path_cannot_forge_a_log_line_or_carry_a_control_character(
+        client: Any, caplog: pytest.LogCaptureFixture, path: str) -> None:
+    with caplog.at_level(logging.INFO, logger="proxy-classifier"):
+        response = await client.post(path, data=b"{}")
+    assert response.status in (404, 405)
+    lines = [r.getMessage() for r in caplog.records if r.name == "proxy-classifier"]
+    assert len(lines) == 1
+    assert lines[0].isascii() and lines[0].isprintable(), lines[0]
+    logged_path = lines[0].split()[2]  # request_id=..., the method, the path: one token
+    assert logged_path.startswith("/") and "\\x" in logged_path  # each control character escaped, as \\xNN
+    assert f"status={response.status} " in lines[0]
+
+
+def test_values_from_a_request_are_escaped_for_the_log() -> None:
+    assert proxy.escaped_for_log("/v1/rerank") == "/v1/rerank"
+    assert proxy.escaped_for_log('a\nb\x1b[0m c"\\') == "a\\x0ab\\x1b[0m\\x20c\\x22\\x5c"
+    assert proxy.escaped_for_log("\u2028\x85\u00e9\udc80") == "\\u2028\\x85\\xe9\\udc80"
 
 
 async def test_log_line_of_a_failed_request_counts_the_calls_it_made(
@@ -1050,7 +1114,7 @@ async def test_local_routes_answer_other_methods_with_405(client: Any, fake_infi
 def test_defaults_are_the_contracts() -> None:
     config = proxy.load_config([], environ={})
     assert (config.host, config.port, config.infinity_url, config.model) == (
-        "0.0.0.0", 8002, "http://localhost:7997/v1", SERVED_MODEL)
+        "127.0.0.1", 8002, "http://localhost:7997/v1", SERVED_MODEL)
     assert (config.timeout, config.max_documents, config.max_body_size) == (60.0, 10_000, 32 * 1024 * 1024)
     assert (config.max_query_chars, config.max_doc_chars, config.max_chunks_per_doc) == (4000, 8000, 10)
     assert (config.positive_label or proxy.DEFAULT_TEMPLATE.positive_label, config.instruction, config.api_key) == (
@@ -1107,6 +1171,23 @@ def test_bad_option_exits_non_zero_at_start() -> None:
     assert "--batch-size must be at most 2048" in result.stderr
 
 
+def test_run_as_a_script_without_host_the_proxy_listens_on_loopback_only() -> None:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(ROOT / "proxy-classifier.py"), "--port", str(port),
+                                "--infinity-url", "http://127.0.0.1:9/v1"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not listens_on(process.pid, port) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        listening = {c.laddr.ip for c in tcp_connections(psutil.Process(process.pid))
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    finally:
+        process.terminate()
+        process.wait(10)
+    assert listening == {"127.0.0.1"}
+
+
 # ---------------------------------------------------------------------------------------------
 # Packaging: the Dockerfile, the compose file and the README agree with the proxy
 # ---------------------------------------------------------------------------------------------
@@ -1125,6 +1206,7 @@ def test_compose_file_agrees_with_the_proxys_defaults() -> None:
     known = {proxy.env_name(flag) for flag, _, _ in proxy.OPTIONS}
     assert set(environment) <= known, set(environment) - known
     assert environment["INFINITY_URL"] == "http://infinity:7997/v1"
+    assert environment["HOST"] == "0.0.0.0"  # the proxy's own default, 127.0.0.1, is unreachable from the host
     assert any(str(port).endswith(":8002") for port in proxy_service["ports"])
     assert proxy_service["depends_on"]["infinity"]["condition"] == "service_healthy"
     assert "7997/health" in " ".join(infinity["healthcheck"]["test"])
@@ -1142,6 +1224,7 @@ def test_dockerfile_runs_the_proxy_as_non_root_with_a_stdlib_healthcheck() -> No
     assert "os.environ.get('PORT', '8002')" in healthcheck  # it probes the port the proxy listens on
     assert re.search(r'^CMD \["python", "proxy-classifier.py"\]', dockerfile, re.M)
     assert re.search(r"^EXPOSE 8002$", dockerfile, re.M)
+    assert re.search(r"^\s*HOST=0\.0\.0\.0$", dockerfile, re.M)  # a container listens on every interface
     # requirements are installed before the code is copied, so code changes keep the cached layer
     assert dockerfile.index("requirements.txt") < dockerfile.index("COPY proxy-classifier.py")
 

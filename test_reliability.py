@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
+import gzip
 import json
 import signal
 import socket
@@ -41,6 +42,7 @@ from conftest import (
     free_port,
     hashed_probability,
     listens_on,
+    peak_rss,
     proxy,
     tcp_connections,
 )
@@ -232,6 +234,38 @@ def closes_every_connection_after_the_first_answer() -> FaultHook:
     return hook
 
 
+def gzip_bomb(wire_bytes: int) -> bytes:
+    """Gzip members of 64 MiB of zeros each, back to back (a valid gzip stream): about a thousand times its size
+    once decoded."""
+    member = gzip.compress(bytes(64 << 20), 9)
+    return member * max(1, wire_bytes // len(member))
+
+
+def streams_endlessly(declared: int | None = None, pause: float = 0.0) -> FaultHook:
+    """An answer that begins like a classify answer and never ends: chunked, or promising `declared` bytes."""
+    async def hook(request: web.Request) -> None:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = declared
+        await response.prepare(request)
+        await response.write(b'{"object":"classify","data":[')
+        piece = b" " * (64 * 1024 if not pause else 1)
+        while True:  # until the proxy hangs up: then the write fails, or the server cancels this
+            await response.write(piece)
+            await asyncio.sleep(pause)
+
+    return hook
+
+
+def answers_a_gzip_bomb() -> FaultHook:
+    async def hook(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=gzip_bomb(8 << 20), headers={"Content-Type": "application/json",
+                                                              "Content-Encoding": "gzip"})
+
+    return hook
+
+
 @dataclass
 class Upstream:
     """The fake Infinity with a fault installed, counting the calls that reach the fault."""
@@ -322,6 +356,13 @@ FAULTS = [
     Fault("a NaN score", 502, "upstream_error", ("not a probability", "nan"), partial(answers, 200, NAN_SCORE)),
     Fault("an answer after the proxy gave up", 504, "timeout_error", ("--timeout (0.5 s)",),
           partial(answers_late, 2.0), within=0.5, timeout=0.5),
+    # Hostile answers: read only up to what the call justifies, never decoded.
+    Fault("a 512 MiB answer", 502, "upstream_error", ("{url}", "passed 67584 bytes"),
+          partial(streams_endlessly, 512 << 20)),
+    Fault("an endless chunked answer", 502, "upstream_error", ("{url}", "passed 67584 bytes"), streams_endlessly),
+    Fault("an endless trickle", 504, "timeout_error", ("--timeout (1 s)",), partial(streams_endlessly, None, 0.05),
+          within=1.0, timeout=1.0),
+    Fault("a gzip bomb", 502, "upstream_error", ("{url}", "compressed", "gzip"), answers_a_gzip_bomb),
 ]
 HOOK_FAULTS = [fault for fault in FAULTS if fault.hook is not None]
 
@@ -456,6 +497,58 @@ async def test_a_failed_call_on_a_fresh_connection_is_not_retried(
     world = await break_upstream(fault)  # a new proxy: its first call opens a new connection
     await post(world.client, GOOD)
     assert world.upstream.calls == 1
+
+
+async def test_the_proxy_asks_infinity_for_uncompressed_answers(client: Any, fake_infinity: FakeInfinity) -> None:
+    assert_ranked(await post(client, GOOD), GOOD)
+    assert fake_infinity.classify_headers[0]["Accept-Encoding"] == "identity"
+
+
+def answers_forwarded(size: int) -> FaultHook:
+    """A forwarded route's answer of `size` bytes, sent in 1 MiB pieces."""
+    async def hook(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await response.prepare(request)
+        for start in range(0, size, 1 << 20):
+            await response.write(bytes([start >> 20 & 255]) * min(1 << 20, size - start))
+        await response.write_eof()
+        return response
+
+    return hook
+
+
+async def test_a_large_forwarded_answer_is_streamed_through_whole(client: Any, upstream: Upstream) -> None:
+    upstream.fail_with(answers_forwarded(24 << 20))
+    async with client.post("/v1/embeddings", json={"model": "m", "input": ["a"]}) as response:
+        assert response.status == 200 and "X-Request-ID" in response.headers
+        received = [len(piece) async for piece in response.content.iter_chunked(1 << 20)]
+    assert sum(received) == 24 << 20
+    upstream.heal()
+    assert_ranked(await post(client, NEXT), NEXT)
+
+
+async def test_an_endless_forwarded_answer_is_cut_off_at_the_timeout_and_the_next_request_served(
+        make_proxy: Callable[..., Awaitable[Any]], upstream: Upstream) -> None:
+    client = await make_proxy(timeout=1.0)
+    upstream.fail_with(streams_endlessly(None, 0.01))
+    started = time.monotonic()
+    async with client.post("/v1/embeddings", json={"model": "m", "input": ["a"]}) as response:
+        assert response.status == 200  # the answer had begun: it can only be cut short
+        with pytest.raises(ClientError):
+            await response.read()
+    assert time.monotonic() - started < 1.0 + LOADED_MACHINE_SLACK
+    upstream.heal()
+    assert_ranked(await post(client, NEXT), NEXT)
+    assert await eventually(lambda: upstream.running == 0)
+
+
+async def test_a_model_list_over_its_stated_size_is_502(client: Any, upstream: Upstream) -> None:
+    upstream.fail_with(answers_forwarded(proxy.MODELS_ANSWER_BYTES + 1))
+    async with client.get("/v1/models") as response:
+        answer = Answer(response.status, dict(response.headers), await response.json(), 0.0)
+    assert_error(answer, 502, "upstream_error", f"passed {proxy.MODELS_ANSWER_BYTES} bytes")
+    upstream.heal()
+    assert (await client.get("/v1/models")).status == 200
 
 
 async def test_a_stale_keep_alive_connection_is_retried_once_on_a_fresh_one(
@@ -629,7 +722,7 @@ def as_json_text(value: Any) -> str:
 def expected_results(body: dict[str, Any], config: Any) -> list[tuple[int, float]]:
     """The contract's answer for a body the proxy accepted, for the short texts generated here."""
     instruction = body.get("instruction") or ""
-    rank_fields = body.get("rank_fields") or []
+    rank_fields = list(dict.fromkeys(body.get("rank_fields") or []))  # a field named twice is scored once
     scores = []
     for document in body["documents"]:
         if isinstance(document, str):
@@ -785,6 +878,33 @@ async def test_a_deeply_nested_body_is_400_at_once(client: Any) -> None:
     assert_error(answer, 400, "invalid_request_error", "nested too deeply")
 
 
+def padded_with(junk: bytes, size: int = 4 << 20) -> bytes:
+    """A good rerank body with an ignored field of `junk` repeated to about `size` bytes."""
+    return b'{"query": "q", "documents": ["a", "b"], "junk": [' + junk * (size // len(junk)) + b'0]}'
+
+
+@pytest.mark.parametrize("junk", [b"[],", b"{},", b'"ab",', b"1.5,", b'{"a":1},'], ids=bytes.decode)
+async def test_a_body_of_far_more_json_values_than_its_bytes_justify_is_400_before_it_is_parsed(
+        client: Any, fake_infinity: FakeInfinity, junk: bytes) -> None:
+    answer = await post_hostile(client, padded_with(junk))  # parsed, it would take 10 to 20 times its size
+    assert_error(answer, 400, "invalid_request_error", "JSON values", "leave out what the proxy does not need")
+    assert fake_infinity.classify_bodies == []
+    assert_ranked(await post(client, NEXT), NEXT)
+
+
+@pytest.mark.parametrize("text", ["[{,", '{"a": [1, 2], "b": {"c": "d"}},', 'a,b,c,\\"[{,'], ids=repr)
+async def test_commas_and_brackets_inside_text_do_not_count_as_json_values(client: Any, text: str) -> None:
+    # Over 4 MB of text dense with them, in documents short enough to be scored whole.
+    documents = [text * (7_000 // len(text)) + f" {i}" for i in range(4_000_000 // 7_000 + 1)]
+    body = {"query": QUERY, "documents": documents}
+    assert_ranked(await post_hostile(client, json.dumps(body).encode(), cpu_seconds=5.0), body)
+
+
+def test_values_outside_strings_are_counted_exactly() -> None:
+    for value, expected in [([[], [[]], {}], 7), ({"a": "x,[{", "b": ["\\", '"', 1]}, 5), ("a,[{", 0)]:
+        assert proxy.values_outside_strings(json.dumps(value).encode()) == expected
+
+
 def deepest_json_parsed_here() -> int:
     """The deepest list nesting json.loads accepts at this depth of the stack."""
     low, high = 1, 100_000
@@ -860,6 +980,105 @@ async def test_documents_of_only_whitespace_are_scored_and_never_reach_infinity_
     answer = await post(client, body)
     assert_ranked(answer, body)
     assert fake_infinity.empty_inputs == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile bodies: compressed bodies refused from their headers, refusing is free
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RawAnswer:
+    status: int
+    headers: dict[str, str]
+    body: Any
+    closed_after: bool  # whether the proxy closed the connection after the answer
+
+
+async def answer_to_headers_alone(port: int, head: str) -> RawAnswer:
+    """Send a request's headers and none of the body they announce; read the answer and whether the proxy then
+    closes the connection. Only an answer that needs no body can come at all."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head.replace("\n", "\r\n").encode() + b"\r\n")
+        status_line = await asyncio.wait_for(reader.readline(), LOADED_MACHINE_SLACK)
+        assert status_line, "closed without an answer"
+        headers = {}
+        while (line := await asyncio.wait_for(reader.readline(), LOADED_MACHINE_SLACK)) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            headers[name.strip().lower()] = value.strip()
+        body = json.loads(await reader.readexactly(int(headers["content-length"])))
+        closed = await asyncio.wait_for(reader.read(1), LOADED_MACHINE_SLACK) == b""
+        return RawAnswer(int(status_line.split()[1]), headers, body, closed)
+    finally:
+        writer.close()
+
+
+ENCODINGS = ["gzip", "deflate", "br", "zstd", "bogus", "gzip, identity"]
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+async def test_a_compressed_body_is_415_naming_content_encoding_before_any_of_it_is_read(
+        client: Any, fake_infinity: FakeInfinity, encoding: str) -> None:
+    head = f"POST /v1/rerank HTTP/1.1\nHost: x\nContent-Length: 8000000\nContent-Encoding: {encoding}\n"
+    answer = await answer_to_headers_alone(client.server.port, head)
+    assert answer.status == 415, answer.body
+    assert answer.body["error"]["type"] == "unsupported_media_type" and "Content-Encoding" in answer.body["error"][
+        "message"]
+    assert (answer.headers["connection"], answer.closed_after) == ("close", True)
+    assert fake_infinity.classify_bodies == []
+    assert_ranked(await post(client, NEXT), NEXT)
+
+
+@pytest.mark.parametrize(("encoding", "body"), [("gzip", b"\x1f\x8b\x08 not gzip at all"), ("bogus", b"{}"),
+                                                  ("gzip", gzip.compress(json.dumps(GOOD).encode()))],
+                         ids=["corrupt gzip", "unknown", "valid gzip"])
+async def test_an_encoded_body_corrupt_unknown_or_valid_is_a_json_415_never_a_500_or_200(
+        client: Any, encoding: str, body: bytes) -> None:
+    async with client.post("/v1/rerank", data=body, headers={"Content-Encoding": encoding}) as response:
+        answer = Answer(response.status, dict(response.headers), await response.json(), 0.0)
+    assert_error(answer, 415, "unsupported_media_type", "Content-Encoding", repr(encoding))
+    assert_ranked(await post(client, NEXT), NEXT)
+
+
+async def test_content_encoding_identity_is_an_uncompressed_body(client: Any) -> None:
+    async with client.post("/v1/rerank", data=json.dumps(GOOD), headers={"Content-Encoding": "identity"}) as response:
+        assert_ranked(Answer(response.status, {}, await response.json(), 0.0), GOOD)
+
+
+REFUSED_FROM_HEADERS = {  # the first lines of a request the proxy answers from its headers alone
+    "401": (401, {"api_key": "k"}, "POST /v1/rerank"),
+    "404": (404, {}, "POST /nowhere"),
+    "405": (405, {}, "PUT /v1/rerank"),
+    "413 by Content-Length": (413, {"max_body_size": 1_000_000}, "POST /v1/rerank"),
+    "415": (415, {}, "POST /v1/rerank"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED_FROM_HEADERS)
+async def test_a_refusal_is_answered_without_the_body_and_the_connection_closed_not_drained(
+        make_proxy: Callable[..., Awaitable[Any]], case: str) -> None:
+    status, flags, request_line = REFUSED_FROM_HEADERS[case]
+    client = await make_proxy(**flags)
+    encoding = "Content-Encoding: gzip\n" if status == 415 else ""
+    answer = await answer_to_headers_alone(client.server.port,
+                                           f"{request_line} HTTP/1.1\nHost: x\nContent-Length: 8000000\n{encoding}")
+    assert answer.status == status, answer.body
+    assert answer.body["error"]["code"] == status
+    assert (answer.headers["connection"], answer.closed_after) == ("close", True)
+    headers = {"Authorization": "Bearer k"} if "api_key" in flags else {}
+    async with client.post("/v1/rerank", data=json.dumps(NEXT), headers=headers) as response:
+        assert_ranked(Answer(response.status, {}, await response.json(), 0.0), NEXT)
+
+
+async def test_a_refused_gzip_bomb_is_never_decoded(make_proxy: Callable[..., Awaitable[Any]]) -> None:
+    client = await make_proxy(api_key="k")
+    bomb = gzip_bomb(2 << 20)  # 2 MB on the wire, 2 GiB decoded
+    for headers in ({"Content-Encoding": "gzip"}, {"Content-Encoding": "gzip", "Authorization": "Bearer k"}):
+        cpu = time.process_time()
+        async with client.post("/v1/rerank", data=bomb, headers=headers) as response:
+            assert response.status in (401, 415) and response.headers["Connection"] == "close"
+        assert time.process_time() - cpu < HOSTILE_CPU_SECONDS  # decoding 2 GiB would take several seconds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1100,6 +1319,95 @@ async def test_under_load_every_answer_is_its_own_and_memory_stays_flat(
     assert fake_infinity.most_in_flight <= proxy.Config().max_concurrency
     assert fake_infinity.empty_inputs == 0
     assert growth < RSS_GROWTH_BOUND, figures
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile bodies and answers against the proxy as a user starts it: statuses, the next request, peak memory (slow)
+# ---------------------------------------------------------------------------------------------
+
+HOSTILE_FIGURES = Path("/tmp/proxy-hostile-figures.json")
+HOSTILE_RSS_BOUND = 768 * 2**20  # the README's bound for the defaults (test_overload's FLOOD_RSS_BOUND)
+MOST = proxy.Config().max_body_size - 1000  # bytes: the largest hostile bodies, just inside --max-body-size
+WIDE = "\U0001F600abcdefghi"  # 16 bytes in a body as a JSON string and a comma, 4 bytes a character once parsed
+
+
+def costliest_accepted_body() -> bytes:
+    """As many values as a body may hold (one per 16 bytes), each a string Python holds at 4 bytes a character,
+    in 10,000 documents echoed back: the most memory a body the proxy accepts can cost."""
+    documents = [{"text": f"d{i}", "x": [WIDE] * 180} for i in range(10_000)]
+    body = json.dumps({"query": "q", "documents": documents, "return_documents": True}, ensure_ascii=False)
+    return body.encode()
+
+
+HOSTILE_BODIES: list[tuple[str, Callable[[], bytes], int]] = [
+    ("32 MiB of '[],' in an ignored field", lambda: padded_with(b"[],", MOST), 400),
+    ("32 MiB of two-letter strings in an ignored field", lambda: padded_with(b'"ab",', MOST), 400),
+    ("rank_fields naming one field 400 times, a 1 MB document", lambda: json.dumps(
+        {"query": "q", "rank_fields": ["t"] * 400, "documents": [{"t": "x " * 500_000}]}).encode(), 400),
+    ("an 8 MiB model, 10,000 documents", lambda: json.dumps(
+        {"query": "q", "model": "m" * (8 << 20), "documents": [f"d{i}" for i in range(10_000)]}).encode(), 400),
+    ("a 4,000-character query and instruction, 10,000 documents", lambda: json.dumps(
+        {"query": "q" * 4000, "instruction": "i" * 4000, "documents": [f"d{i}" for i in range(10_000)]}).encode(), 200),
+    ("the costliest body accepted", costliest_accepted_body, 200),
+]
+HOSTILE_ANSWERS: list[tuple[str, Callable[[], FaultHook], str, int]] = [
+    ("a 512 MiB classify answer", partial(streams_endlessly, 512 << 20), "/v1/rerank", 502),
+    ("an endless chunked classify answer", streams_endlessly, "/v1/rerank", 502),
+    ("a gzip bomb from Infinity", answers_a_gzip_bomb, "/v1/rerank", 502),
+    ("a 512 MiB /v1/models answer", partial(answers_forwarded, 512 << 20), "/v1/models", 502),
+    ("a 256 MiB /v1/embeddings answer, streamed", partial(answers_forwarded, 256 << 20), "/v1/embeddings", 200),
+]
+
+
+async def ask(session: ClientSession, path: str, data: bytes, headers: dict[str, str] | None = None
+              ) -> tuple[int, int, float]:
+    """Status, bytes of the answer (read in pieces: a streamed answer is never held whole here) and seconds."""
+    started = time.monotonic()
+    method = "GET" if path == "/v1/models" else "POST"
+    async with session.request(method, path, data=data or None, headers=headers) as response:
+        size = sum([len(piece) async for piece in response.content.iter_chunked(1 << 20)])
+        return response.status, size, time.monotonic() - started
+
+
+async def next_request_seconds(session: ClientSession) -> float:
+    answer = await post(session, NEXT)
+    assert_ranked(answer, NEXT)
+    return answer.seconds
+
+
+@pytest.mark.slow
+async def test_hostile_bodies_and_answers_are_refused_cheaply_and_keep_peak_memory_bounded(
+        spawn_proxy: Callable[..., Awaitable[ProxyProcess]], upstream: Upstream) -> None:
+    running = await spawn_proxy(upstream.fake.url)  # the defaults a user runs
+    figures: dict[str, Any] = {"rss_mib_at_start": round(running.rss / 2**20, 1)}
+    async with running.session(timeout=120) as session:
+        figures["next_request_ms_before"] = round(1000 * await next_request_seconds(session), 1)
+        bomb = gzip_bomb(8 << 20)  # 8 MB on the wire, 8 GiB decoded
+        for _ in range(30):
+            status, _, _ = await ask(session, "/v1/rerank", bomb, {"Content-Encoding": "gzip"})
+            assert status == 415
+        figures["next_request_ms_after_30_gzip_bombs"] = round(1000 * await next_request_seconds(session), 1)
+        figures["rss_mib_after_30_gzip_bombs"] = round(running.rss / 2**20, 1)
+        for name, body, expected in HOSTILE_BODIES:
+            status, _, seconds = await ask(session, "/v1/rerank", body())
+            assert status == expected, name
+            figures[f"{name}: seconds"] = round(seconds, 2)
+            await next_request_seconds(session)
+        for name, hook, path, expected in HOSTILE_ANSWERS:
+            upstream.fail_with(hook())
+            status, _, seconds = await ask(session, path, json.dumps(GOOD).encode() if path != "/v1/models" else b"")
+            upstream.heal()
+            assert status == expected, name
+            figures[f"{name}: seconds"] = round(seconds, 2)
+            await next_request_seconds(session)
+    figures["peak_rss_mib"] = round(peak_rss(running.process.pid) / 2**20, 1)
+    figures["command"] = "python -m pytest test_reliability.py -m slow -k hostile -s"
+    HOSTILE_FIGURES.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"\nhostile figures (also in {HOSTILE_FIGURES}): {json.dumps(figures)}")
+    assert figures["next_request_ms_after_30_gzip_bombs"] < figures["next_request_ms_before"] + 1000
+    assert figures["rss_mib_after_30_gzip_bombs"] < figures["rss_mib_at_start"] + 32
+    assert peak_rss(running.process.pid) < HOSTILE_RSS_BOUND
+    assert "Traceback" not in running.log.read_text()
 
 
 @dataclass
