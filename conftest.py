@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import importlib.util
-import json
+import math
 import os
 import socket
 import sys
@@ -50,7 +50,6 @@ MAX_INPUT_CHARS = 122_880
 
 
 PAD = "<|endoftext|>"  # the pad token of Qwen's tokenizers, which the fake's model skips
-PROBE_PROMPT = proxy.prompt_for(*proxy.ANCHOR_PROBE).rstrip()  # the self-check's: answered outside counts and faults
 
 
 def document_in(sent: str) -> str:
@@ -74,6 +73,10 @@ class FakeInfinity:
         self.pad_token: str | None = PAD
         self.probe_bodies: list[dict[str, Any]] = []  # the proxy's self-checks
         self.probe_status = 200  # another status: the self-check's calls fail with it
+        self.models_status = 200  # another status: the proxy's own model lookups fail with it
+        self.model_lookups = 0
+        self.cross_encoders: set[str] = set()  # models listed with the "rerank" capability
+        self.rerank_bodies: list[dict[str, Any]] = []
         self.fault: Callable[[web.Request], Awaitable[web.StreamResponse | None]] | None = None
         self.delay = 0.0  # seconds per /classify call, standing in for inference
         self.api_key: str | None = None
@@ -100,8 +103,8 @@ class FakeInfinity:
             if self.api_key and request.path != "/health" and request.headers.get(
                     "Authorization") != f"Bearer {self.api_key}":
                 return web.json_response({"detail": "Unauthorized"}, status=401)
-            if request.path.endswith("/classify") and await self.is_probe(request):
-                return await self.answer_probe(request)
+            if request.headers.get("User-Agent", "").startswith("rerank-proxy/"):  # the proxy's own calls
+                return await (self.answer_probe(request) if request.path.endswith("/classify") else handler(request))
             if self.fault is not None and request.path != "/health":
                 answer = await self.fault(request)
                 if answer is not None:
@@ -112,6 +115,7 @@ class FakeInfinity:
         app.router.add_get("/health", self.health)
         app.router.add_post("/v1/classify", self.classify)
         app.router.add_get("/v1/models", self.list_models)
+        app.router.add_post("/v1/rerank", self.rerank)
         app.router.add_post("/v1/embeddings", self.embeddings)
         return app
 
@@ -119,8 +123,25 @@ class FakeInfinity:
         return web.json_response({"unix": time.time()})
 
     async def list_models(self, request: web.Request) -> web.Response:
-        self.forwarded.append((request.method, request.path_qs, b"", dict(request.headers)))
-        return web.json_response({"data": [{"id": m, "object": "model"} for m in self.models], "object": "list"})
+        if request.headers.get("User-Agent", "").startswith("rerank-proxy/"):
+            self.model_lookups += 1
+            if self.models_status != 200:
+                return web.json_response({"detail": "refused"}, status=self.models_status)
+        else:
+            self.forwarded.append((request.method, request.path_qs, b"", dict(request.headers)))
+        return web.json_response({"data": [{"id": m, "object": "model", "capabilities": [
+            "rerank" if m in self.cross_encoders else "classify"]} for m in self.models], "object": "list"})
+
+    async def rerank(self, request: web.Request) -> web.Response:
+        """Infinity's own /rerank, for a cross-encoder: its score is the document's hashed with the query."""
+        body = await request.json()
+        self.rerank_bodies.append(body)
+        p = [hashed_probability(body["query"] + "\0" + document.strip()) for document in body["documents"]]
+        scores = [math.log(x) - math.log1p(-x) if body.get("raw_scores") else x for x in p]
+        results = sorted(({"relevance_score": s, "index": i} for i, s in enumerate(scores)),
+                         key=lambda r: -r["relevance_score"])
+        return web.json_response({"object": "rerank", "results": results, "model": body.get("model"),
+                                  "usage": {"prompt_tokens": 7, "total_tokens": 7}, "id": "r", "created": 0})
 
     async def embeddings(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -133,13 +154,6 @@ class FakeInfinity:
         while self.pad_token and text.endswith(self.pad_token):
             text = text.removesuffix(self.pad_token)
         return text
-
-    async def is_probe(self, request: web.Request) -> bool:
-        try:
-            inputs = json.loads(await request.read())["input"]
-            return isinstance(inputs, list) and all(text.startswith(PROBE_PROMPT) for text in inputs)
-        except (ValueError, TypeError, KeyError, AttributeError):
-            return False
 
     async def answer_probe(self, request: web.Request) -> web.Response:
         body = await request.json()

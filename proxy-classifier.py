@@ -84,17 +84,23 @@ class Template:
     # last token that is not its pad token: exactly the trained last position.
     anchors: tuple[str, ...] = ("<|endoftext|>", "<|im_end|>")
     special_tokens: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-    max_tokens: int = 8192  # the longest prompt the model scores; its authors' library never passes it
+    max_tokens: int = 8192  # the longest prompt the model scores; its authors' code never passes it
+    models: tuple[str, ...] = ()  # without --template, a model whose name holds one of these (any case) uses it
 
     def head(self, query: str, instruction: str) -> str:
         """Everything before the document: the same for every prompt of one request."""
         line = self.instruction_line.format(instruction=instruction) if instruction or not self.instruction_optional else ""
-        return self.prefix + line + self.query_line.format(query=query) + self.document_line.split("{document}")[0]
+        return self.prefix + line + self.query_line.format(query=query) + self.document_parts[0]
 
-    @property
+    @functools.cached_property
+    def document_parts(self) -> tuple[str, str]:
+        before, after = self.document_line.format(document="\0").split("\0")
+        return before, after
+
+    @functools.cached_property
     def tail(self) -> str:
         """Everything after the document, without the anchor: the same for every prompt."""
-        return self.document_line.split("{document}")[1] + self.suffix
+        return self.document_parts[1] + self.suffix
 
     def prompt(self, query: str, document: str, instruction: str = "") -> str:
         """The exact text the model was trained to score for one query and one document."""
@@ -117,9 +123,92 @@ TEMPLATES: dict[str, Template] = {
         "Relevance:<|im_end|>\n<|im_start|>assistant\n",
         positive_label="1",
         labels=("0", "1"),
+        models=("mxbai-rerank",),
+    ),
+    # The Qwen3-Reranker model card's prefix, format_instruction and suffix. Its instruction line is always
+    # there: the card's format_instruction writes it for any instruction that is not None, "" included.
+    "qwen3-reranker": Template(
+        name="qwen3-reranker",
+        prefix="<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
+        'Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n',
+        instruction_line="<Instruct>: {instruction}\n",
+        query_line="<Query>: {query}\n",
+        document_line="<Document>: {document}",
+        suffix="<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
+        positive_label="yes",
+        labels=("no", "yes"),
+        default_instruction="Given a web search query, retrieve relevant passages that answer the query",
+        instruction_optional=False,
+        models=("qwen3-reranker",),
     ),
 }
-DEFAULT_TEMPLATE = TEMPLATES["mxbai-rerank-v2"]
+DEFAULT_TEMPLATE = TEMPLATES["mxbai-rerank-v2"]  # for a model no template names
+
+
+def template_for(templates: dict[str, Template], chosen: str, model: str) -> Template:
+    """--template for every request; else the first template (a file's before the built-in ones) whose
+    `models` names part of the request's model name; else mxbai-rerank-v2."""
+    if chosen:
+        return templates[chosen]
+    name = model.lower()
+    return next((t for t in templates.values() if any(part.lower() in name for part in t.models)), DEFAULT_TEMPLATE)
+
+
+TEMPLATE_FIELDS = {"name": str, "prefix": str, "instruction_line": str, "query_line": str, "document_line": str,
+                   "suffix": str, "positive_label": str, "labels": list, "default_instruction": str,
+                   "instruction_optional": bool, "anchors": list, "special_tokens": list, "max_tokens": int,
+                   "models": list}
+PLACEHOLDERS = {"instruction_line": "instruction", "query_line": "query", "document_line": "document"}
+
+
+def templates_from_file(path: str) -> dict[str, Template]:
+    """The templates of a --template-file, file's first: {"templates": [{field: value, ...}, ...]}
+    (README, Templates). A mistake raises ValueError naming the file, the field and what is wrong."""
+    if not path:
+        return dict(TEMPLATES)
+    try:
+        with open(path, encoding="utf-8") as file:
+            entries = json.load(file)["templates"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"--template-file {path}: not a JSON object with a 'templates' list ({exc})") from None
+    if not isinstance(entries, list):
+        raise ValueError(f"--template-file {path}: 'templates' must be a list")
+    own = {}
+    for i, entry in enumerate(entries):
+        template = template_from_entry(entry, f"--template-file {path}: templates[{i}]")
+        own[template.name] = template
+    return {**own, **{name: t for name, t in TEMPLATES.items() if name not in own}}
+
+
+def template_from_entry(entry: Any, where: str) -> Template:
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} must be an object")
+    for field, value in entry.items():
+        kind = TEMPLATE_FIELDS.get(field)
+        if kind is None:
+            raise ValueError(f"{where}.{field} is not a template field (known: {', '.join(TEMPLATE_FIELDS)})")
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"{where}.{field} must be a {kind.__name__}, got {json_type(value)}")
+        if kind is list and not all(isinstance(item, str) and item for item in value):
+            raise ValueError(f"{where}.{field} must be a list of non-empty strings")
+    missing = [f for f in ("name", "prefix", "instruction_line", "query_line", "document_line", "suffix",
+                           "positive_label", "labels") if f not in entry]
+    if missing:
+        raise ValueError(f"{where} lacks {', '.join(missing)}")
+    for field, placeholder in PLACEHOLDERS.items():
+        line = entry[field]
+        try:
+            ok = line.count("{" + placeholder + "}") == 1 and line.format(**{placeholder: ""}) is not None
+        except (KeyError, IndexError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{where}.{field} must hold {{{placeholder}}} once and no other braces "
+                             "(write a literal brace twice: {{ }})")
+    if entry["positive_label"] not in entry["labels"] or len(entry["labels"]) < 2:
+        raise ValueError(f"{where}.positive_label must be one of labels, which needs at least two")
+    if entry.get("max_tokens", 1) < 1 or not entry.get("anchors", True):
+        raise ValueError(f"{where}: max_tokens must be at least 1 and anchors not empty")
+    return Template(**{field: tuple(value) if isinstance(value, list) else value for field, value in entry.items()})
 PAD_ANCHOR = DEFAULT_TEMPLATE.anchors[0]
 
 
@@ -237,7 +326,9 @@ class Config:
     max_query_chars: int = 4000
     max_doc_chars: int = 8000
     max_chunks_per_doc: int = 10
-    instruction: str = ""
+    template: str = ""  # none: each request's model name chooses
+    template_file: str = ""
+    instruction: str | None = None  # none: the template's
     positive_label: str = ""  # the template's
     tokenizer: str = ""  # the model's tokenizer.json: prompts are then measured in its tokens
     api_key: str = ""
@@ -291,8 +382,11 @@ class Config:
                 f"Infinity refuses inputs over {INFINITY_MAX_INPUT_CHARS} "
                 "(keep 2 * max-query-chars + max-doc-chars under about 122,000)"
             )
-        if len(self.instruction) > self.max_query_chars:
+        if len(self.instruction or "") > self.max_query_chars:
             raise ValueError("--instruction is longer than --max-query-chars")
+        templates = templates_from_file(self.template_file)
+        if self.template and self.template not in templates:
+            raise ValueError(f"--template {self.template!r} is not a template; known: {', '.join(templates)}")
         TokenCounter.from_file(self.tokenizer)  # a bad --tokenizer stops the proxy at start
         url = URL(self.infinity_url)
         if url.scheme not in ("http", "https") or not url.host:
@@ -330,7 +424,11 @@ OPTIONS: list[tuple[str, type, str]] = [
     ("--max-query-chars", int, "a longer query is cut to this many characters"),
     ("--max-doc-chars", int, "a longer document is split into chunks of at most this many characters"),
     ("--max-chunks-per-doc", int, "chunks of one document scored, when a request gives no max_chunks_per_doc"),
-    ("--instruction", str, "mxbai instruction line used when a request gives none (empty: no line)"),
+    ("--template", str, "the prompt template for every request (mxbai-rerank-v2, qwen3-reranker, or one of "
+     "--template-file); without it each request's model name chooses"),
+    ("--template-file", str, "a JSON file of templates that adds to or replaces the built-in ones (README, Templates)"),
+    ("--instruction", str, "the instruction used when a request gives none (default: the template's; mxbai-rerank-v2 "
+     "has none, and an empty one means no instruction line)"),
     ("--positive-label", str, "the classifier label whose probability is the relevance score (default: the "
      "template's, 1 for mxbai-rerank-v2)"),
     ("--tokenizer", str, "the served model's tokenizer.json: prompts are kept within the model's context counted "
@@ -428,7 +526,7 @@ class RerankRequest:
     top_n: int | None
     return_documents: bool
     model: str
-    instruction: str
+    instruction: str | None  # None: the template's default
     raw_scores: bool
     max_chunks_per_doc: int
     max_tokens_per_doc: int | None
@@ -687,7 +785,7 @@ def parse_rerank(body: dict[str, Any], config: Config) -> RerankRequest:
         top_n=top_n if top_n is not None and 0 < top_n < len(documents) else None,
         return_documents=bool(return_documents),
         model=model if model is not None else config.model,
-        instruction=instruction if instruction is not None else config.instruction,
+        instruction=instruction if instruction is not None else config.instruction,  # None: the template's
         raw_scores=bool(raw_scores),
         max_chunks_per_doc=max_chunks or config.max_chunks_per_doc,
         max_tokens_per_doc=max_tokens,
@@ -756,6 +854,7 @@ class TokenCounter:
 
     def __init__(self, tokenizer: Any = None) -> None:
         self.tokenizer = tokenizer
+        self.template_costs: dict[tuple[Template, bool], int] = {}
 
     @classmethod
     def from_file(cls, path: str) -> TokenCounter:
@@ -786,17 +885,23 @@ class TokenCounter:
     def fits(self, text: str, budget: int) -> bool:
         return self.bytes_bound(text) <= budget or (self.tokenizer is not None and self.count(text) <= budget)
 
-    def template_cost(self, template: Template, instruction: bool) -> int:
-        """Tokens of a prompt's fixed text (with or without its instruction line), its anchor included."""
-        line = template.instruction_line.format(instruction="") if instruction or not template.instruction_optional else ""
-        text = (template.prefix + line + template.query_line.format(query="")
-                + template.document_line.format(document="") + template.suffix)
-        if self.tokenizer is not None:
-            return self.count(text) + 1
-        specials = sum(text.count(token) for token in template.special_tokens)
-        for token in template.special_tokens:
-            text = text.replace(token, "")
-        return self.bytes_bound(text) + specials + 1
+    def template_cost(self, template: Template, instruction_line: bool) -> int:
+        """Tokens of a prompt's fixed text (with or without its instruction line), its anchor included;
+        counted once per template."""
+        cost = self.template_costs.get((template, instruction_line))
+        if cost is None:
+            line = template.instruction_line.format(instruction="") if instruction_line else ""
+            text = (template.prefix + line + template.query_line.format(query="")
+                    + template.document_line.format(document="") + template.suffix)
+            if self.tokenizer is None:
+                specials = sum(text.count(token) for token in template.special_tokens)
+                for token in template.special_tokens:
+                    text = text.replace(token, "")
+                cost = self.bytes_bound(text) + specials + 1
+            else:
+                cost = self.count(text) + 1
+            self.template_costs[template, instruction_line] = cost
+        return cost
 
     def fitting(self, text: str, budget: int) -> int:
         """How many leading characters of `text` fit in `budget` tokens."""
@@ -852,26 +957,30 @@ class ClassifyPlan:
     chunks_by_document: list[list[int]] | None
 
 
-def fitted_query(request: RerankRequest, template: Template, counter: TokenCounter) -> str:
+def fitted_query(query: str, instruction: str, template: Template, counter: TokenCounter) -> str:
     """The query, cut so that it and the instruction take at most three quarters of the model's context
     (mixedbread's library keeps the same share for the query), leaving the rest to the document."""
-    room = (template.max_tokens - counter.template_cost(template, bool(request.instruction)) - BOUNDARY_TOKENS) * 3 // 4
-    room -= counter.count(request.instruction) if request.instruction else 0
+    room = (template.max_tokens - counter.template_cost(template, has_line(template, instruction)) - BOUNDARY_TOKENS)
+    room = room * 3 // 4 - (counter.count(instruction) if instruction else 0)
     if room < 1:
         raise bad_request(f"'instruction' leaves no room for the query in the model's {template.max_tokens} tokens",
                           "instruction")
-    query = request.query
     return query if counter.bytes_bound(query) <= room else query[: max(1, counter.fitting(query, room))]
+
+
+def has_line(template: Template, instruction: str) -> bool:
+    return bool(instruction) or not template.instruction_optional
 
 
 def plan_prompts(request: RerankRequest, config: Config, counter: TokenCounter = UTF8_BOUND,
                  template: Template = DEFAULT_TEMPLATE) -> ClassifyPlan:
     """Every document's chunks, each prompt within the model's context, de-duplicated: identical
     prompts within a request are sent once."""
-    query = fitted_query(request, template, counter)
-    head = template.head(query, request.instruction)
-    budget = (template.max_tokens - counter.template_cost(template, bool(request.instruction)) - BOUNDARY_TOKENS
-              - counter.count(query) - (counter.count(request.instruction) if request.instruction else 0))
+    instruction = template.default_instruction if request.instruction is None else request.instruction
+    query = fitted_query(request.query, instruction, template, counter)
+    head = template.head(query, instruction)
+    budget = (template.max_tokens - counter.template_cost(template, has_line(template, instruction)) - BOUNDARY_TOKENS
+              - counter.count(query) - (counter.count(instruction) if instruction else 0))
     texts = request.texts
     longest = max(map(len, texts), default=0)
     if (request.max_tokens_per_doc is None and longest <= min(config.max_doc_chars, budget)
@@ -975,6 +1084,36 @@ def positive_probabilities(answer: Any, expected: int, positive_label: str) -> t
             raise RerankError(502, f"Infinity answered a score that is not a probability: {score!r}")
         scores.append(float(score))
     return scores, prompt_tokens(answer)
+
+
+def cross_encoder_bodies(request: RerankRequest, batch_size: int) -> list[tuple[bytes, int]]:
+    """The calls to Infinity's own /rerank for a cross-encoder, as (JSON body, number of documents): the
+    query and texts as given (the model truncates them itself; none longer than Infinity accepts), in batches."""
+    texts = request.texts
+    if request.max_tokens_per_doc is not None:  # no tokenizer of the cross-encoder's at hand: about 3 characters a token
+        texts = [text[: 3 * request.max_tokens_per_doc] for text in texts]
+    texts = [text[:INFINITY_MAX_INPUT_CHARS] for text in texts]
+    return [(json_dumps({"model": request.model, "query": request.query, "documents": texts[start:start + batch_size],
+                         "raw_scores": request.raw_scores, "return_documents": False}),
+             len(texts[start:start + batch_size])) for start in range(0, len(texts), batch_size)]
+
+
+def cross_encoder_scores(answer: Any, expected: int) -> tuple[list[float], int]:
+    """Each document's score from Infinity's /rerank answer, back in the documents' order (Infinity sorts
+    its results by score), and the call's prompt tokens."""
+    results = answer.get("results") if isinstance(answer, dict) else None
+    if not isinstance(results, list) or len(results) != expected:
+        raise RerankError(502, f"Infinity's /rerank answer does not have {expected} results")
+    scores: list[float | None] = [None] * expected
+    for result in results:
+        index = result.get("index") if isinstance(result, dict) else None
+        score = result.get("relevance_score") if isinstance(result, dict) else None
+        if not is_integer(index) or not 0 <= index < expected or scores[index] is not None:
+            raise RerankError(502, f"Infinity's /rerank answer has a wrong or repeated index: {index!r}")
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise RerankError(502, f"Infinity's /rerank answer has a score that is not a number: {score!r}")
+        scores[index] = float(score)
+    return scores, prompt_tokens(answer)  # type: ignore[return-value]
 
 
 def prompt_tokens(answer: dict[str, Any]) -> int:
@@ -1152,6 +1291,7 @@ class Infinity:
         metrics.upstream_in_flight.set_function(lambda: self.in_flight)  # read at scrape time: free per call
         self.origin = config.infinity_origin
         self.classify_url = config.infinity_url.rstrip("/") + "/classify"
+        self.rerank_url = config.infinity_url.rstrip("/") + "/rerank"
         self.models_path = URL(config.infinity_url).raw_path.rstrip("/") + "/models"
         self.slots = asyncio.Semaphore(config.max_concurrency)
         self.session: ClientSession | None = None
@@ -1200,6 +1340,17 @@ class Infinity:
                        pooled: bool = True) -> tuple[list[float], int]:
         """One /classify call: the positive label's probability for each input, and its tokens. A call made
         once (the self-check) goes out unpooled: it leaves no idle connection to go stale in the pool."""
+        return await self.scored(self.classify_url, body, expected, headers, pooled,
+                                 lambda answer: positive_probabilities(answer, expected, positive_label))
+
+    async def rerank(self, body: bytes, expected: int, headers: dict[str, str]) -> tuple[list[float], int]:
+        """One call to Infinity's own /rerank (a cross-encoder): each document's score, in the documents' order."""
+        return await self.scored(self.rerank_url, body, expected, headers, True,
+                                 lambda answer: cross_encoder_scores(answer, expected))
+
+    async def scored(self, url: str, body: bytes, expected: int, headers: dict[str, str], pooled: bool,
+                     read: Callable[[Any], tuple[list[float], int]]) -> tuple[list[float], int]:
+        """A call for `expected` scores, within the bound on calls in flight, its answer read by `read`."""
         outcome = "cancelled"  # unless the call ends otherwise: its request gave up (client gone, --timeout)
         try:
             async with self.slots:
@@ -1207,8 +1358,8 @@ class Infinity:
                 started = time.perf_counter()
                 try:
                     most = ANSWER_BYTES + CLASSIFY_ANSWER_BYTES_PER_INPUT * expected
-                    status, answer_headers, raw = await self._post_classify(
-                        body, headers, most, self.session if pooled else self.fresh_session)
+                    status, answer_headers, raw = await self._post(
+                        url, body, headers, most, self.session if pooled else self.fresh_session)
                 except RerankError as exc:
                     outcome = "timeout" if exc.status == 504 else "bad_answer" if isinstance(
                         exc, BadAnswer) else "unreachable"
@@ -1218,14 +1369,14 @@ class Infinity:
                     self.metrics.upstream_seconds.observe(time.perf_counter() - started)
             if status != 200:
                 outcome = "http_429" if status == 429 else f"http_{status // 100}xx"
-                raise self.failure(status, answer_headers, raw)
+                raise self.failure(status, answer_headers, raw, url)
             outcome = "bad_answer"
             try:
                 answer = json_loads(raw, strict=False)
             except (ValueError, UnicodeDecodeError, RecursionError):
                 raise not_json(raw) from None
             try:
-                scores = positive_probabilities(answer, expected, positive_label)
+                scores = read(answer)
             except RerankError:
                 # Explained with the values as the standard library reads them (orjson reads an integer
                 # beyond 64 bits as a float, and nesting the stdlib cannot read), so that the answer is the
@@ -1234,32 +1385,32 @@ class Infinity:
                     standard_reading = json.loads(raw)
                 except RecursionError:
                     raise not_json(raw) from None
-                scores = positive_probabilities(standard_reading, expected, positive_label)
+                scores = read(standard_reading)
             outcome = "ok"
             return scores
         finally:
             self.metrics.labelled(self.metrics.upstream_calls, outcome).inc()
 
-    async def _post_classify(self, body: bytes, headers: dict[str, str], most: int,
-                             session: ClientSession) -> tuple[int, Any, bytes]:
+    async def _post(self, url: str, body: bytes, headers: dict[str, str], most: int,
+                    session: ClientSession) -> tuple[int, Any, bytes]:
         headers = {"Content-Type": "application/json", **headers}
         for attempt in (1, 2):
             connection = {"reused": False}  # set by reuse_tracing() when the pool hands out a kept-alive one
             try:
                 # A redirect is Infinity's answer, not an address to send the prompts to.
-                async with session.post(self.classify_url, data=body, headers=headers, allow_redirects=False,
+                async with session.post(url, data=body, headers=headers, allow_redirects=False,
                                         trace_request_ctx=connection) as response:
-                    return response.status, response.headers, await bounded_answer(response, most, self.classify_url)
+                    return response.status, response.headers, await bounded_answer(response, most, url)
             except (client_exceptions.ServerDisconnectedError, client_exceptions.ClientOSError) as exc:
                 # A keep-alive connection that Infinity closed between two requests fails before any
                 # answer. /classify has no side effects, so it is retried once, on a new connection.
                 # Nothing else is: a new connection that fails (refused, or dropped by a failing
                 # Infinity) would fail again, and a retry would double the load on a server in trouble.
                 if attempt == 2 or not connection["reused"]:
-                    raise self.unreachable(exc, self.classify_url) from None
+                    raise self.unreachable(exc, url) from None
                 session = self.fresh_session
             except client_exceptions.ClientError as exc:
-                raise self.unreachable(exc, self.classify_url) from None
+                raise self.unreachable(exc, url) from None
         raise AssertionError("unreachable")
 
     def unreachable(self, exc: BaseException, url: Any) -> RerankError:
@@ -1276,7 +1427,7 @@ class Infinity:
         return RerankError(502, f"Infinity at {url} closed the connection before a complete answer ({reason}); "
                            "it may have restarted or crashed")
 
-    def failure(self, status: int, headers: Any, raw: bytes) -> RerankError:
+    def failure(self, status: int, headers: Any, raw: bytes, url: str | None = None) -> RerankError:
         """Map Infinity's refusal to what the client should see (the contract's error table)."""
         message = infinity_message(status, raw)
         if status == 400:
@@ -1287,7 +1438,7 @@ class Infinity:
                                    "check --infinity-api-key")
             return RerankError(status, f"Infinity refused the Authorization header: {message}")
         if status == 404:
-            return RerankError(502, f"Infinity answered 404 for {self.classify_url}; check the prefix in "
+            return RerankError(502, f"Infinity answered 404 for {url or self.classify_url}; check the prefix in "
                                "--infinity-url (it must match Infinity's --url-prefix, e.g. /v1)")
         if status == 422:
             return RerankError(502, f"Infinity refused a call the proxy built (422): {message}. Is "
@@ -1299,17 +1450,14 @@ class Infinity:
                                headers={RETRY_AFTER: retry} if retry else None)
         return RerankError(502, f"Infinity failed with {status}: {message}")
 
-    async def classify_all(self, calls: list[tuple[bytes, int]], headers: dict[str, str],
-                           positive_label: str) -> tuple[list[float], int]:
-        """All calls of one request, concurrently. The first failure cancels the others: no partial
-        answer is ever returned."""
-        if not calls:
-            return [], 0
+    @staticmethod
+    async def all_scores(calls: list[Awaitable[tuple[list[float], int]]]) -> tuple[list[float], int]:
+        """All calls of one request, concurrently, their scores in order and their tokens summed. The first
+        failure cancels the others: no partial answer is ever returned."""
         if len(calls) == 1:
-            results = [await self.classify(*calls[0], headers, positive_label)]
+            results = [await calls[0]]
         else:
-            results = await all_or_nothing([self.classify(body, inputs, headers, positive_label)
-                                            for body, inputs in calls])
+            results = await all_or_nothing(calls)
         scores: list[float] = []
         tokens = 0
         for batch_scores, batch_tokens in results:
@@ -1338,14 +1486,19 @@ class Infinity:
         async with self.forwarded(method, raw_path, raw_query, body, headers) as response:
             return response.status, response.headers, await bounded_answer(response, most, response.url)
 
-    async def served_models(self, headers: dict[str, str]) -> list[str]:
-        """The model ids Infinity lists at {prefix}/models; none when it cannot say."""
+    async def served_models(self, headers: dict[str, str]) -> dict[str, frozenset[str]]:
+        """The model ids Infinity lists at {prefix}/models, with their capabilities; none when it cannot say.
+        Unpooled, as the self-check: a call made now and then leaves no idle connection to go stale."""
+        url = self.origin.with_path(self.models_path)
         try:
-            status, _, raw = await self.forward("GET", self.models_path, "", b"", headers)
+            async with self.fresh_session.get(url, headers=headers, allow_redirects=False) as response:
+                status, raw = response.status, await bounded_answer(response, MODELS_ANSWER_BYTES, url)
             listed = json_loads(raw, strict=False)["data"] if status == 200 else []
-            return [model["id"] for model in listed if isinstance(model.get("id"), str)]
-        except (RerankError, ValueError, UnicodeDecodeError, RecursionError, TypeError, KeyError, AttributeError):
-            return []
+            return {model["id"]: frozenset(c for c in model.get("capabilities") or () if isinstance(c, str))
+                    for model in listed if isinstance(model.get("id"), str)}
+        except (RerankError, client_exceptions.ClientError, asyncio.TimeoutError, ValueError, UnicodeDecodeError,
+                RecursionError, TypeError, KeyError, AttributeError):
+            return {}
 
     async def health(self, within: float) -> str:
         """'ok', or why Infinity's /health does not answer."""
@@ -1360,6 +1513,43 @@ class Infinity:
             return f"cannot reach {url}: {exc or type(exc).__name__}"
         except BadAnswer as exc:
             return exc.message
+
+
+# The proxy's own calls to Infinity (its model list, the self-check) say who makes them, in Infinity's logs too.
+INTERNAL = {"User-Agent": f"rerank-proxy/{PROXY_VERSION}"}
+CROSS_ENCODER = "rerank"  # the capability Infinity lists for a model it serves at its own /rerank
+
+
+class ServedModels:
+    """What Infinity serves, from {prefix}/models: each model's name and capabilities, read when a request
+    names a model not in the list (at most every REFRESH_SECONDS). A model served with "rerank" (a
+    cross-encoder) goes to Infinity's /rerank; one served with "classify", or one Infinity does not list,
+    is built into prompts by its template."""
+
+    REFRESH_SECONDS = 30.0
+
+    def __init__(self, infinity: Infinity) -> None:
+        self.infinity = infinity
+        self.capabilities: dict[str, frozenset[str]] = {}
+        self.read_at = -math.inf
+        self.reading = asyncio.Lock()
+
+    async def resolve(self, model: str, headers: dict[str, str]) -> tuple[str, frozenset[str]]:
+        """The name Infinity serves `model` under, and its capabilities (none when Infinity does not say).
+        With one model loaded, Infinity ignores the name a request gives: every name is that model."""
+        if model not in self.capabilities and time.monotonic() - self.read_at > self.REFRESH_SECONDS:
+            async with self.reading:  # the first requests share one read
+                if model not in self.capabilities and time.monotonic() - self.read_at > self.REFRESH_SECONDS:
+                    listed = await self.infinity.served_models({**headers, **INTERNAL})
+                    self.read_at = time.monotonic()
+                    self.capabilities = listed or self.capabilities
+        return self.known(model)
+
+    def known(self, model: str) -> tuple[str, frozenset[str]]:
+        """As resolve, from what is known now (no call)."""
+        if model not in self.capabilities and len(self.capabilities) == 1:
+            [model] = self.capabilities
+        return model, self.capabilities.get(model, frozenset())
 
 
 @dataclass(frozen=True)
@@ -1386,41 +1576,25 @@ class AnchorChecks:
     """Runs the self-check once per served model (when a model is first used, or by GET /ready) and keeps
     the outcome. Requests that arrive while it runs wait for the same check."""
 
-    MODELS_SECONDS = 30.0  # how long Infinity's model list is trusted before it is read again
-    MAX_CHECKED = 64
+    MAX_CHECKED = 64  # the newest kept, where Infinity's model list could not be read to bound the names
 
     def __init__(self, infinity: Infinity, metrics: Metrics) -> None:
         self.infinity = infinity
         self.metrics = metrics
         self.done: dict[str, AnchorCheck] = {}
         self.running: dict[str, asyncio.Future[AnchorCheck]] = {}
-        self.served: tuple[list[str], float] | None = None  # Infinity's model ids, and when they were read
 
     async def anchor_for(self, model: str, template: Template, headers: dict[str, str]) -> str:
-        """The anchor to send to `model`: found by the check, which runs here the first time."""
-        served = await self.served_name(model, headers)
-        check = self.done.get(served)
+        """The anchor to send to `model` (a name Infinity serves it under: ServedModels.resolve), found by
+        the check, which runs here the first time."""
+        check = self.done.get(model)
         if check is None:
-            running = self.running.get(served)
+            running = self.running.get(model)
             if running is None:
-                running = self.running[served] = asyncio.ensure_future(self.check(served, template, headers))
-                running.add_done_callback(lambda _: self.running.pop(served, None))
+                running = self.running[model] = asyncio.ensure_future(self.check(model, template, headers))
+                running.add_done_callback(lambda _: self.running.pop(model, None))
             check = await asyncio.shield(running)  # a request that gives up leaves the check to the others
         return check.anchor_to_send
-
-    async def served_name(self, model: str, headers: dict[str, str]) -> str:
-        """The name to check `model` under. The first name used is checked as it is. With one model loaded,
-        Infinity ignores the name a request gives, so another name is looked up in Infinity's model list
-        ({prefix}/models, read at most every MODELS_SECONDS): the checks stay one per served model, whatever
-        names clients send. Where the list cannot be read, names are checked as they come, the newest
-        MAX_CHECKED kept."""
-        if model in self.done or model in self.running or not (self.done or self.running):
-            return model
-        now = time.monotonic()
-        if self.served is None or now - self.served[1] > self.MODELS_SECONDS:
-            self.served = (await self.infinity.served_models(headers), now)
-        names = self.served[0]
-        return names[0] if len(names) == 1 else model
 
     async def check(self, model: str, template: Template, headers: dict[str, str]) -> AnchorCheck:
         """Score the probe bare and followed by each anchor: a model that skips the anchor scores them alike."""
@@ -1428,7 +1602,8 @@ class AnchorChecks:
         gaps = []
         for anchor in template.anchors:
             body = json_dumps({"model": model, "input": [probe, probe + anchor]})
-            (bare, anchored), _ = await self.infinity.classify(body, 2, headers, template.positive_label, pooled=False)
+            (bare, anchored), _ = await self.infinity.classify(body, 2, {**headers, **INTERNAL}, template.positive_label,
+                                                               pooled=False)
             gaps.append(log_odds(bare) - log_odds(anchored))
             if abs(gaps[-1]) <= ANCHOR_TOLERANCE:
                 found = AnchorCheck(model, template, anchor, tuple(gaps))
@@ -1448,10 +1623,18 @@ class AnchorChecks:
                  found.anchor or "none skipped")
         return found
 
-    async def ready_check(self, model: str, template: Template, within: float) -> None:
+    async def ready_check(self, served: ServedModels, config: Config, templates: dict[str, Template],
+                          within: float) -> None:
         """GET /ready starts the check for --model and waits for it within the probe's time, no longer."""
+
+        async def check_default_model() -> None:
+            headers = self.infinity.auth_headers(None)
+            model, capabilities = await served.resolve(config.model, headers)
+            if CROSS_ENCODER not in capabilities:
+                await self.anchor_for(model, template_for(templates, config.template, config.model), headers)
+
         with contextlib.suppress(RerankError, asyncio.TimeoutError):
-            await asyncio.wait_for(self.anchor_for(model, template, self.infinity.auth_headers(None)), within)
+            await asyncio.wait_for(check_default_model(), within)
 
     def reports(self) -> dict[str, dict[str, Any]]:
         return {model: check.report() for model, check in self.done.items()}
@@ -1480,6 +1663,8 @@ CONFIG = web.AppKey("config", Config)
 INFINITY = web.AppKey("infinity", Infinity)
 CHECKS = web.AppKey("checks", AnchorChecks)
 TOKENS = web.AppKey("tokens", TokenCounter)
+MODELS = web.AppKey("models", ServedModels)
+TEMPLATE_SET = web.AppKey("templates", dict)
 REQUEST_ID = "X-Request-ID"
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
 STATS = web.RequestKey("stats", dict)  # per request: what the log line reports
@@ -1511,31 +1696,55 @@ async def rerank(request: web.Request, shape: AnswerShape, speaks_tei: bool = Fa
         body, shape = rerank_body_from_tei(body, config), tei_answer
     rerank_request = parse_rerank(body, config)
     del body  # the fields the proxy ignores are not held while Infinity works
-    stats = request[STATS]
-    stats["documents"] = len(rerank_request.documents)
-    template = DEFAULT_TEMPLATE
-    plan = plan_prompts(rerank_request, config, request.app[TOKENS], template)
-    # Before their bodies are built. Each prompt carries the query and the instruction (up to 2 * --max-query-chars).
-    prompt_bytes = PROMPT_BYTES + len(escaped_utf8(plan.prompt_head))
-    request.app[ADMISSION].take(stats, prompt_bytes * len(plan.unique_texts))
-    calls = classify_bodies(rerank_request.model, plan, config.batch_size, template.anchors[0])
-    stats["chunks"] = len(plan.unique_texts)
-    # All calls start at once: counted here, the log line of a failed request shows them too.
-    stats["upstream_calls"] = len(calls)
-    headers = upstream_headers(request)
-    try:
-        async with deadline_in(config.timeout):  # in the request's own task: asyncio.wait_for would start one more
-            anchor = await request.app[CHECKS].anchor_for(rerank_request.model, template, headers)
-            if anchor != template.anchors[0]:  # a model that pads with another token
-                calls = classify_bodies(rerank_request.model, plan, config.batch_size, anchor)
-            prompt_scores, tokens = await request.app[INFINITY].classify_all(
-                calls, headers, config.positive_label or template.positive_label)
-    except asyncio.TimeoutError:
-        raise RerankError(504, f"the rerank request did not finish within --timeout ({config.timeout:g} s); "
-                          "Infinity is slow or overloaded") from None
-    scores = document_scores(plan, prompt_scores, rerank_request.raw_scores)
+    request[STATS]["documents"] = len(rerank_request.documents)
+    scores: list[float] = []
+    tokens = 0
+    if rerank_request.documents:  # none: an empty answer, and nothing asked of Infinity
+        headers = upstream_headers(request)
+        try:
+            async with deadline_in(config.timeout):  # in the request's own task: wait_for would start one more
+                served, capabilities = await request.app[MODELS].resolve(rerank_request.model, headers)
+                if CROSS_ENCODER in capabilities:
+                    scores, tokens = await scores_of_cross_encoder(request, rerank_request, headers)
+                else:
+                    scores, tokens = await scores_of_prompts(request, rerank_request, served, headers)
+        except asyncio.TimeoutError:
+            raise RerankError(504, f"the rerank request did not finish within --timeout ({config.timeout:g} s); "
+                              "Infinity is slow or overloaded") from None
     return web.Response(body=json_dumps(shape(rerank_request, scores, tokens)), content_type="application/json",
                         charset="utf-8")
+
+
+async def scores_of_prompts(request: web.Request, rerank_request: RerankRequest, served: str,
+                            headers: dict[str, str]) -> tuple[list[float], int]:
+    """A causal-LM reranker: its template's prompts, scored by Infinity's /classify."""
+    app, config, stats = request.app, request.app[CONFIG], request[STATS]
+    template = template_for(app[TEMPLATE_SET], config.template, rerank_request.model)
+    stats["template"] = template.name
+    plan = plan_prompts(rerank_request, config, app[TOKENS], template)
+    # Before their bodies are built. Each prompt carries the query and the instruction (up to 2 * --max-query-chars).
+    app[ADMISSION].take(stats, (PROMPT_BYTES + len(escaped_utf8(plan.prompt_head))) * len(plan.unique_texts))
+    calls = classify_bodies(rerank_request.model, plan, config.batch_size, template.anchors[0])
+    stats["chunks"] = len(plan.unique_texts)
+    anchor = await app[CHECKS].anchor_for(served, template, headers)
+    if anchor != template.anchors[0]:  # a model that pads with another token
+        calls = classify_bodies(rerank_request.model, plan, config.batch_size, anchor)
+    stats["upstream_calls"] = len(calls)  # all start at once: a failed request's log line shows them too
+    label = config.positive_label or template.positive_label
+    prompt_scores, tokens = await Infinity.all_scores(
+        [app[INFINITY].classify(body, inputs, headers, label) for body, inputs in calls])
+    return document_scores(plan, prompt_scores, rerank_request.raw_scores), tokens
+
+
+async def scores_of_cross_encoder(request: web.Request, rerank_request: RerankRequest,
+                                  headers: dict[str, str]) -> tuple[list[float], int]:
+    """A model Infinity serves at its own /rerank: the query and documents go there as they are."""
+    stats = request[STATS]
+    stats["template"] = "cross-encoder"
+    calls = cross_encoder_bodies(rerank_request, request.app[CONFIG].batch_size)
+    request.app[ADMISSION].take(stats, sum(len(body) for body, _ in calls))
+    stats["chunks"], stats["upstream_calls"] = len(rerank_request.texts), len(calls)
+    return await Infinity.all_scores([request.app[INFINITY].rerank(body, n, headers) for body, n in calls])
 
 
 async def rerank_infinity_shape(request: web.Request) -> web.Response:
@@ -1561,7 +1770,8 @@ async def ready(request: web.Request) -> web.Response:
     # The self-check of --model, once: within what is left of the probe's time, and never a reason for 503.
     remaining = READINESS_PROBE_SECONDS - (time.monotonic() - started)
     if remaining > 0:
-        await request.app[CHECKS].ready_check(request.app[CONFIG].model, DEFAULT_TEMPLATE, remaining)
+        app = request.app
+        await app[CHECKS].ready_check(app[MODELS], app[CONFIG], app[TEMPLATE_SET], remaining)
     return web.json_response({"status": "ready"})
 
 
@@ -1598,10 +1808,11 @@ async def read_counted(request: web.Request, max_body_size: int) -> bytes:
 
 
 async def info(request: web.Request) -> web.Response:
-    config, checks = request.app[CONFIG], request.app[CHECKS]
-    served = checks.served[0] if checks.served else []
-    check = checks.done.get(served[0] if len(served) == 1 else config.model)
-    return web.json_response(tei_info(config, DEFAULT_TEMPLATE, check))
+    """TEI's info for --model: its template's labels and context, and its self-check as known now."""
+    app, config = request.app, request.app[CONFIG]
+    model, _ = app[MODELS].known(config.model)
+    template = template_for(app[TEMPLATE_SET], config.template, config.model)
+    return web.json_response(tei_info(config, template, app[CHECKS].done.get(model)))
 
 
 async def models(request: web.Request) -> web.Response:
@@ -1772,14 +1983,15 @@ class Metrics:
                           prometheus_client.GCCollector):
             collector(registry=registry)
         self.requests = prometheus_client.Counter(
-            "rerank_proxy_requests", "Requests answered, by matched route and status (499: the client went away)",
-            ("route", "status"), registry=registry)
+            "rerank_proxy_requests", "Requests answered, by matched route, status (499: the client went away) and "
+            "template (cross-encoder: passed to Infinity's /rerank; empty: not a rerank, or refused before one)",
+            ("route", "status", "template"), registry=registry)
         self.request_seconds = prometheus_client.Histogram(
             "rerank_proxy_request_duration_seconds", "Time from the request's headers to its answer written",
             ("route",), buckets=DURATION_BUCKETS, registry=registry)
         self.documents = prometheus_client.Counter(
-            "rerank_proxy_documents", "Documents (or TEI texts) received in accepted rerank requests", ("route",),
-            registry=registry)
+            "rerank_proxy_documents", "Documents (or TEI texts) received in accepted rerank requests",
+            ("route", "template"), registry=registry)
         self.upstream_calls = prometheus_client.Counter(
             "rerank_proxy_upstream_calls", "/classify calls to Infinity, by outcome", ("outcome",), registry=registry)
         self.upstream_seconds = prometheus_client.Histogram(
@@ -1798,23 +2010,23 @@ class Metrics:
             ("reason",), registry=registry)
 
         # Labelled children by their labels: labels() validates and locks on every call. Bounded like the labels.
-        self._answered: dict[tuple[str, int], tuple[Any, Any]] = {}
-        self._labelled: dict[tuple[Any, str], Any] = {}
+        self._answered: dict[tuple[str, int, str], tuple[Any, Any]] = {}
+        self._labelled: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
-    def answered(self, route: str, status: int, seconds: float, documents: int) -> None:
-        children = self._answered.get((route, status))
+    def answered(self, route: str, status: int, seconds: float, documents: int, template: str) -> None:
+        children = self._answered.get((route, status, template))
         if children is None:
-            children = self._answered[route, status] = (
-                self.requests.labels(route, str(status)), self.request_seconds.labels(route))
+            children = self._answered[route, status, template] = (
+                self.requests.labels(route, str(status), template), self.request_seconds.labels(route))
         children[0].inc()
         children[1].observe(seconds)
         if documents:
-            self.labelled(self.documents, route).inc(documents)
+            self.labelled(self.documents, route, template).inc(documents)
 
-    def labelled(self, metric: Any, label: str) -> Any:
-        child = self._labelled.get((metric, label))
+    def labelled(self, metric: Any, *labels: str) -> Any:
+        child = self._labelled.get((metric, labels))
         if child is None:
-            child = self._labelled[metric, label] = metric.labels(label)
+            child = self._labelled[metric, labels] = metric.labels(*labels)
         return child
 
     def exposition(self) -> bytes:
@@ -1842,7 +2054,7 @@ async def errors_and_log(request: web.Request, handler: Handler) -> web.StreamRe
     incoming = request.headers.get(REQUEST_ID, "")
     request_id = incoming if _REQUEST_ID_OK.fullmatch(incoming) else uuid.uuid4().hex
     request[REQUEST_ID_KEY] = request_id
-    stats: dict[str, Any] = {"documents": 0, "chunks": 0, "upstream_calls": 0, "held_bytes": 0}
+    stats: dict[str, Any] = {"documents": 0, "chunks": 0, "upstream_calls": 0, "held_bytes": 0, "template": ""}
     request[STATS] = stats
     app = request.app
     resource = request.match_info.route.resource  # None when no route matched: aiohttp's 404/405
@@ -1892,10 +2104,10 @@ async def errors_and_log(request: web.Request, handler: Handler) -> web.StreamRe
     finally:
         if admission is not None:
             admission.release(stats)
-        app[METRICS].answered(route, status, time.perf_counter() - started, stats["documents"])
-    log.info("request_id=%s %s %s status=%d documents=%d chunks=%d upstream_calls=%d ms=%.1f", request_id,
-             *method_and_path(request), status, stats["documents"], stats["chunks"],
-             stats["upstream_calls"], 1000 * (time.perf_counter() - started))
+        app[METRICS].answered(route, status, time.perf_counter() - started, stats["documents"], stats["template"])
+    log.info("request_id=%s %s %s status=%d documents=%d chunks=%d upstream_calls=%d template=%s ms=%.1f",
+             request_id, *method_and_path(request), status, stats["documents"], stats["chunks"],
+             stats["upstream_calls"], stats["template"] or "-", 1000 * (time.perf_counter() - started))
     return response
 
 
@@ -1970,6 +2182,8 @@ def make_app(config: Config) -> web.Application:
     infinity = app[INFINITY] = Infinity(config, metrics)
     app[CHECKS] = AnchorChecks(infinity, metrics)
     app[TOKENS] = TokenCounter.from_file(config.tokenizer)
+    app[MODELS] = ServedModels(infinity)
+    app[TEMPLATE_SET] = templates_from_file(config.template_file)
 
     async def upstream_session(app: web.Application) -> AsyncIterator[None]:
         # One shared session for the app's lifetime: opened before the first request, closed last.

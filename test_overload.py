@@ -377,14 +377,14 @@ async def test_metrics_count_the_traffic_sent_by_route_status_and_documents(serv
     assert (await client.get("/v1/models")).status == 200
     assert (await client.get("/no/such/path")).status == 404
     found = samples(await scrape(client))
-    assert value(found, "rerank_proxy_requests_total", route="/v1/rerank", status="200") == 3
-    assert value(found, "rerank_proxy_requests_total", route="/v2/rerank", status="200") == 1
-    assert value(found, "rerank_proxy_requests_total", route="/v2/rerank", status="400") == 1
-    assert value(found, "rerank_proxy_requests_total", route="/health", status="200") == 1
-    assert value(found, "rerank_proxy_requests_total", route="/v1/models", status="200") == 1
-    assert value(found, "rerank_proxy_requests_total", route="unmatched", status="404") == 1
-    assert value(found, "rerank_proxy_documents_total", route="/v1/rerank") == 2 + 3 + 4
-    assert value(found, "rerank_proxy_documents_total", route="/v2/rerank") == 1
+    assert value(found, "rerank_proxy_requests_total", route="/v1/rerank", status="200", template="mxbai-rerank-v2") == 3
+    assert value(found, "rerank_proxy_requests_total", route="/v2/rerank", status="200", template="mxbai-rerank-v2") == 1
+    assert value(found, "rerank_proxy_requests_total", route="/v2/rerank", status="400", template="") == 1
+    assert value(found, "rerank_proxy_requests_total", route="/health", status="200", template="") == 1
+    assert value(found, "rerank_proxy_requests_total", route="/v1/models", status="200", template="") == 1
+    assert value(found, "rerank_proxy_requests_total", route="unmatched", status="404", template="") == 1
+    assert value(found, "rerank_proxy_documents_total", route="/v1/rerank", template="mxbai-rerank-v2") == 2 + 3 + 4
+    assert value(found, "rerank_proxy_documents_total", route="/v2/rerank", template="mxbai-rerank-v2") == 1
     assert value(found, "rerank_proxy_request_duration_seconds_count", route="/v1/rerank") == 3
     # Identical prompts are sent once: one call for each 200, none for the 400; and the model's self-check, once.
     assert value(found, "rerank_proxy_upstream_calls_total", outcome="ok") == 4 + 1
@@ -414,7 +414,7 @@ async def test_an_unknown_path_adds_no_new_series(serve: Serve) -> None:
     after = samples(await scrape(client))
     # Only the first scrape's own series (route /metrics) are new; the unknown paths share "unmatched".
     assert {key for key in set(after) - before if dict(key[1]).get("route") != "/metrics"} == set()
-    assert value(after, "rerank_proxy_requests_total", route="unmatched", status="404") == 5
+    assert value(after, "rerank_proxy_requests_total", route="unmatched", status="404", template="") == 5
 
 
 async def test_forwarded_routes_are_labelled_by_their_template_not_their_path(serve: Serve) -> None:
@@ -440,7 +440,7 @@ async def test_refusals_and_upstream_failures_are_counted_by_reason_and_outcome(
     assert (await post(client, GOOD)).status == 502
     found = samples(await scrape(client))
     assert value(found, "rerank_proxy_rejected_total", reason="overloaded") == 2
-    assert value(found, "rerank_proxy_requests_total", route="/v1/rerank", status="429") == 2
+    assert value(found, "rerank_proxy_requests_total", route="/v1/rerank", status="429", template="") == 2
     assert value(found, "rerank_proxy_upstream_calls_total", outcome="ok") == 1 + 1  # and the self-check
     assert value(found, "rerank_proxy_upstream_calls_total", outcome="http_5xx") == 1
 
@@ -458,7 +458,7 @@ async def test_each_app_has_its_own_registry(serve: Serve) -> None:
     first, second = await serve(), await serve()
     await post(first, GOOD)
     found = samples(await scrape(second))
-    assert value(found, "rerank_proxy_requests_total", route="/v1/rerank", status="200") == 0
+    assert value(found, "rerank_proxy_requests_total", route="/v1/rerank", status="200", template="") == 0
 
 
 # ---------------------------------------------------------------------------------------------

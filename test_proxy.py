@@ -1117,8 +1117,8 @@ def test_defaults_are_the_contracts() -> None:
         "127.0.0.1", 8002, "http://localhost:7997/v1", SERVED_MODEL)
     assert (config.timeout, config.max_documents, config.max_body_size) == (60.0, 10_000, 32 * 1024 * 1024)
     assert (config.max_query_chars, config.max_doc_chars, config.max_chunks_per_doc) == (4000, 8000, 10)
-    assert (config.positive_label or proxy.DEFAULT_TEMPLATE.positive_label, config.instruction, config.api_key) == (
-        "1", "", "")
+    assert (config.positive_label, config.instruction, config.api_key, config.template) == ("", None, "", "")
+    assert proxy.template_for(proxy.TEMPLATES, config.template, config.model).positive_label == "1"
     assert 1 <= config.batch_size <= 2048 and config.max_concurrency >= 32
 
 
@@ -1238,7 +1238,7 @@ def test_readme_documents_every_option_and_its_test_command_is_cis() -> None:
     for flag, _, _ in proxy.OPTIONS:
         row = next(line for line in readme.splitlines() if line.startswith(f"| `{flag}` |"))
         value = getattr(defaults, flag[2:].replace("-", "_"))
-        shown = "(none)" if value == "" else f"{value:g}" if isinstance(value, float) else str(value)
+        shown = "(none)" if value in ("", None) else f"{value:g}" if isinstance(value, float) else str(value)
         assert f"| `{shown}`" in row or f"| {shown} |" in row or f"| `{shown}` (" in row, (flag, shown, row)
     ci = (ROOT / ".ci" / "run").read_text()
     assert "./setup.sh --dev" in ci and ".venv/bin/python -m pytest" in ci
@@ -1320,13 +1320,22 @@ async def test_a_self_check_that_infinity_refuses_fails_its_request_and_runs_aga
     assert len(fake_infinity.probe_bodies) == 2
 
 
-async def test_model_names_that_all_mean_the_one_served_model_are_checked_at_most_twice(
+async def test_model_names_that_all_mean_the_one_served_model_are_checked_once(
         client: Any, fake_infinity: Any) -> None:
     # With one model loaded, Infinity ignores the name: clients' names must not each cost a check.
     for name in ("first", *(f"alias-{i}" for i in range(10))):
         assert (await rerank(client, {"query": "q", "documents": ["a"], "model": name}))[0] == 200
-    assert [body["model"] for body in fake_infinity.probe_bodies] == ["first", SERVED_MODEL]
-    assert set((await (await client.get("/health")).json())["models"]) == {"first", SERVED_MODEL}
+    assert [body["model"] for body in fake_infinity.probe_bodies] == [SERVED_MODEL]
+    assert set((await (await client.get("/health")).json())["models"]) == {SERVED_MODEL}
+    assert fake_infinity.model_lookups == 1  # the list is read again only for a name it lacks, and not often
+
+
+async def test_where_infinity_cannot_list_its_models_each_name_is_checked_as_it_comes(
+        client: Any, fake_infinity: Any) -> None:
+    fake_infinity.models_status = 401
+    for name in ("a", "b", "a"):
+        assert (await rerank(client, {"query": "q", "documents": ["d"], "model": name}))[0] == 200
+    assert [body["model"] for body in fake_infinity.probe_bodies] == ["a", "b"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -78,6 +78,10 @@ class FakeInfinity:
 
     async def classify(self, request: web.Request) -> web.Response:
         body = await request.read()
+        if request.headers.get("User-Agent", "").startswith("rerank-proxy/"):
+            # The proxy's self-check: a model that skips the pad anchor scores both inputs alike. Not counted.
+            return web.Response(body=b'{"object":"classify","data":[' + b",".join([self.data(1)] * inputs_in(body))
+                                + b'],"usage":{"prompt_tokens":0,"total_tokens":0}}', content_type="application/json")
         try:
             n = inputs_in(body)
         except ValueError as exc:
