@@ -1078,8 +1078,8 @@ def positive_probabilities(answer: Any, expected: int, positive_label: str) -> t
                     break
         if score is None:
             raise RerankError(
-                502, f"Infinity's answer has no label {positive_label!r}; is the model a two-label "
-                "mxbai-rerank-v2 -seq classifier, and is --positive-label right?")
+                502, f"Infinity's answer has no label {positive_label!r}: is the template right for this model "
+                "(--template, or a model name that names it), or --positive-label?")
         if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0.0 <= score <= 1.0:
             raise RerankError(502, f"Infinity answered a score that is not a probability: {score!r}")
         scores.append(float(score))

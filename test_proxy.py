@@ -1370,3 +1370,247 @@ def test_a_tokenizer_file_that_cannot_be_read_stops_the_proxy_at_start(tmp_path:
         proxy.load_config(["--tokenizer", str(bad)], environ={})
     assert stopped.value.code == 2
     assert "--tokenizer" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Templates
+# ---------------------------------------------------------------------------------------------
+
+QWEN3_CARD_PREFIX = ("<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
+                     'Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n')
+QWEN3_CARD_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+QWEN3_CARD_TASK = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+def qwen3_card_input(query: str, document: str, instruction: str = QWEN3_CARD_TASK) -> str:
+    """The Qwen3-Reranker model card's prefix + format_instruction + suffix, then the pad anchor."""
+    return (QWEN3_CARD_PREFIX + f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
+            + QWEN3_CARD_SUFFIX + "<|endoftext|>")
+
+
+def qwen3_labels(fake: Any) -> None:
+    """A fake serving a yes/no classifier, as a Qwen3-Reranker conversion is."""
+    fake.labels = lambda p1: sorted([{"label": "yes", "score": p1}, {"label": "no", "score": 1.0 - p1}],
+                                    key=lambda label: -label["score"])
+
+
+@pytest.mark.parametrize("model", ["Qwen/Qwen3-Reranker-0.6B", "my-QWEN3-RERANKER-seq", "tomaarsen/qwen3-reranker-4b"])
+async def test_a_model_named_qwen3_reranker_in_any_case_gets_the_model_cards_prompt(
+        client: Any, fake_infinity: Any, model: str) -> None:
+    qwen3_labels(fake_infinity)
+    status, answer = await rerank(client, {"query": "q?", "documents": ["a", " b "], "model": model})
+    assert status == 200
+    assert fake_infinity.inputs == [qwen3_card_input("q?", "a"), qwen3_card_input("q?", " b ")]
+    assert {r["index"]: r["relevance_score"] for r in answer["results"]} == {
+        0: hashed_probability(qwen3_card_input("q?", "a").removesuffix("<|endoftext|>")),
+        1: hashed_probability(qwen3_card_input("q?", " b ").removesuffix("<|endoftext|>"))}
+
+
+async def test_qwen3_instruction_comes_from_the_request_then_the_flag_then_the_template(
+        make_proxy: Any, fake_infinity: Any) -> None:
+    qwen3_labels(fake_infinity)
+    model = "qwen3-reranker-0.6b"
+    default = await make_proxy()
+    for instruction in ("Find code", ""):  # "" keeps an empty <Instruct> line, as the card's format_instruction does
+        await rerank(default, {"query": "q", "documents": ["d"], "model": model, "instruction": instruction})
+    await rerank(default, {"query": "q", "documents": ["d"], "model": model})
+    flagged = await make_proxy(instruction="From the flag")
+    await rerank(flagged, {"query": "q", "documents": ["d"], "model": model})
+    assert fake_infinity.inputs == [qwen3_card_input("q", "d", "Find code"), qwen3_card_input("q", "d", ""),
+                                    qwen3_card_input("q", "d"), qwen3_card_input("q", "d", "From the flag")]
+
+
+async def test_the_template_flag_holds_for_every_model_name(make_proxy: Any, fake_infinity: Any) -> None:
+    qwen3_labels(fake_infinity)
+    client = await make_proxy(template="qwen3-reranker")
+    assert (await rerank(client, {"query": "q", "documents": ["d"], "model": "my-alias"}))[0] == 200
+    assert fake_infinity.inputs == [qwen3_card_input("q", "d")]
+    mxbai = await make_proxy(template="mxbai-rerank-v2")
+    fake_infinity.labels = FakeLabels.mxbai
+    await rerank(mxbai, {"query": "q", "documents": ["d"], "model": "qwen3-reranker"})
+    assert fake_infinity.inputs[-1] == proxy.classify_input("q", "d")
+
+
+class FakeLabels:
+    @staticmethod
+    def mxbai(p1: float) -> list[dict[str, Any]]:
+        return sorted([{"label": "1", "score": p1}, {"label": "0", "score": 1.0 - p1}], key=lambda label: -label["score"])
+
+
+async def test_positive_label_follows_the_template_unless_the_flag_names_one(make_proxy: Any, fake_infinity: Any) -> None:
+    fake_infinity.labels = lambda p1: [{"label": "yes", "score": 0.25}, {"label": "no", "score": 0.75}]
+    qwen3 = await make_proxy()
+    answer = (await rerank(qwen3, {"query": "q", "documents": ["d"], "model": "qwen3-reranker"}))[1]
+    assert answer["results"][0]["relevance_score"] == 0.25
+    flagged = await make_proxy(positive_label="no")
+    answer = (await rerank(flagged, {"query": "q", "documents": ["d"], "model": "qwen3-reranker"}))[1]
+    assert answer["results"][0]["relevance_score"] == 0.75
+
+
+def test_an_unknown_template_stops_the_proxy_at_start_naming_the_known_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        proxy.load_config(["--template", "qwen4"], environ={})
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert "'qwen4'" in error and "mxbai-rerank-v2" in error and "qwen3-reranker" in error
+
+
+async def test_info_gives_the_labels_and_context_of_the_default_models_template(make_proxy: Any) -> None:
+    client = await make_proxy(model="Qwen/Qwen3-Reranker-4B-seq")
+    info = await (await client.get("/info")).json()
+    assert info["model_type"] == {"reranker": {"id2label": {"0": "no", "1": "yes"}, "label2id": {"no": 0, "yes": 1}}}
+    assert (info["template"], info["max_input_length"]) == ("qwen3-reranker", 8192)
+
+
+async def test_request_metrics_and_log_lines_name_the_template(client: Any, fake_infinity: Any,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    qwen3_labels(fake_infinity)
+    with caplog.at_level(logging.INFO, logger="proxy-classifier"):
+        await rerank(client, {"query": "q", "documents": ["d"], "model": "qwen3-reranker"})
+    assert "template=qwen3-reranker " in caplog.records[-1].getMessage()
+    metrics = await (await client.get("/metrics")).text()
+    assert 'rerank_proxy_requests_total{route="/v1/rerank",status="200",template="qwen3-reranker"} 1.0' in metrics
+    assert 'rerank_proxy_documents_total{route="/v1/rerank",template="qwen3-reranker"} 1.0' in metrics
+
+
+def test_each_templates_own_length_sets_the_document_budget() -> None:
+    config, counter = proxy.Config(), proxy.TokenCounter()
+    costs = {name: counter.template_cost(template, proxy.has_line(template, template.default_instruction))
+             for name, template in proxy.TEMPLATES.items()}
+    assert costs["mxbai-rerank-v2"] != costs["qwen3-reranker"]
+    for name, template in proxy.TEMPLATES.items():
+        request = proxy.parse_rerank({"query": "q", "documents": ["x" * 8000]}, config)
+        [chunk, *_] = proxy.plan_prompts(request, config, counter, template).unique_texts
+        assert len(chunk) == template.max_tokens - costs[name] - proxy.BOUNDARY_TOKENS - 1 - len(
+            template.default_instruction), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Template files
+# ---------------------------------------------------------------------------------------------
+
+MXBAI_AS_A_FILE = {"name": "mxbai-rerank-v2", "models": ["mxbai-rerank"],
+                   "prefix": "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+                   "<|im_end|>\n<|im_start|>user\n",
+                   "instruction_line": "instruction: {instruction}\n", "query_line": "query: {query}\n",
+                   "document_line": "document: {document}\n",
+                   "suffix": "You are a search relevance expert who evaluates how well documents match search queries. "
+                   "For each query-document pair, carefully analyze the semantic relationship between them, then "
+                   "provide your binary relevance judgment (0 for not relevant, 1 for relevant).\nRelevance:"
+                   "<|im_end|>\n<|im_start|>assistant\n",
+                   "positive_label": "1", "labels": ["0", "1"]}
+
+
+def template_file(tmp_path: Any, *templates: dict[str, Any]) -> str:
+    path = tmp_path / "templates.json"
+    path.write_text(json.dumps({"templates": list(templates)}))
+    return str(path)
+
+
+@pytest.mark.parametrize("instruction", ["", "Find the legal passage"])
+@pytest.mark.parametrize("document", ["d", "", " {x} \n", "東京 🙂"])
+def test_a_file_that_redeclares_a_built_in_template_gives_byte_identical_prompts(
+        tmp_path: Any, instruction: str, document: str) -> None:
+    redeclared = proxy.templates_from_file(template_file(tmp_path, MXBAI_AS_A_FILE))["mxbai-rerank-v2"]
+    built_in = proxy.TEMPLATES["mxbai-rerank-v2"]
+    assert redeclared.prompt("q {query}", document, instruction).encode() == built_in.prompt(
+        "q {query}", document, instruction).encode()
+    assert redeclared == built_in
+
+
+async def test_a_template_file_adds_a_template_chosen_by_its_models(make_proxy: Any, fake_infinity: Any,
+                                                                   tmp_path: Any) -> None:
+    own = {"name": "my-reranker", "models": ["my-reranker"], "prefix": "P:", "instruction_line": "I={instruction};",
+           "query_line": "Q={query};", "document_line": "D={document};", "suffix": "A:", "positive_label": "1",
+           "labels": ["0", "1"], "default_instruction": "rank it", "instruction_optional": False}
+    client = await make_proxy(template_file=template_file(tmp_path, own))
+    await rerank(client, {"query": "q", "documents": ["d"], "model": "the-MY-RERANKER-v1"})
+    await rerank(client, {"query": "q", "documents": ["d"], "model": "other"})
+    assert fake_infinity.inputs == ["P:I=rank it;Q=q;D=d;A:<|endoftext|>", proxy.classify_input("q", "d")]
+
+
+@pytest.mark.parametrize(("content", "words"), [
+    ("{not json", ["not a JSON object"]),
+    (json.dumps({"templates": {}}), ["'templates' must be a list"]),
+    (json.dumps({"templates": [{**MXBAI_AS_A_FILE, "suffx": "x"}]}), ["templates[0].suffx", "not a template field"]),
+    (json.dumps({"templates": [{**MXBAI_AS_A_FILE, "query_line": "query: {q}\n"}]}), ["templates[0].query_line", "{query}"]),
+    (json.dumps({"templates": [{**MXBAI_AS_A_FILE, "document_line": "{document} {document}"}]}), ["document_line"]),
+    (json.dumps({"templates": [{**MXBAI_AS_A_FILE, "positive_label": "yes"}]}), ["templates[0].positive_label"]),
+    (json.dumps({"templates": [{**MXBAI_AS_A_FILE, "max_tokens": "8192"}]}), ["templates[0].max_tokens", "int"]),
+    (json.dumps({"templates": [{"name": "x"}]}), ["templates[0] lacks", "prefix"]),
+])
+def test_a_bad_template_file_stops_the_proxy_naming_the_file_and_the_field(
+        tmp_path: Any, capsys: pytest.CaptureFixture[str], content: str, words: list[str]) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(SystemExit) as stopped:
+        proxy.load_config(["--template-file", str(path)], environ={})
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    for word in [str(path), *words]:
+        assert word in error, (word, error)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-encoders pass through to Infinity's own /rerank
+# ---------------------------------------------------------------------------------------------
+
+
+def cross_encoder_score(query: str, document: str, raw: bool = False) -> float:
+    p = hashed_probability(query + "\0" + document.strip())
+    return math.log(p) - math.log1p(-p) if raw else p
+
+
+@pytest.mark.parametrize(("path", "field"), [("/v1/rerank", "documents"), ("/v2/rerank", "documents"),
+                                             ("/rerank", "texts")])
+@pytest.mark.parametrize("raw", [False, True])
+async def test_a_cross_encoder_is_scored_by_infinitys_rerank_in_the_shape_asked_for(
+        client: Any, fake_infinity: Any, path: str, field: str, raw: bool) -> None:
+    fake_infinity.models, fake_infinity.cross_encoders = ["my-cross-encoder"], {"my-cross-encoder"}
+    documents = ["alpha", "beta", "gamma", "delta"]
+    status, answer = await rerank(client, {"query": "q", field: documents, "raw_scores": raw}, path)
+    assert status == 200
+    expected = sorted(((i, cross_encoder_score("q", d, raw)) for i, d in enumerate(documents)), key=lambda x: -x[1])
+    results = answer if field == "texts" else answer["results"]
+    key = "score" if field == "texts" else "relevance_score"
+    assert [(r["index"], r[key]) for r in results] == [(i, pytest.approx(s)) for i, s in expected]
+    assert fake_infinity.classify_bodies == [] and fake_infinity.probe_bodies == []
+    assert fake_infinity.rerank_bodies == [{"model": proxy.Config().model, "query": "q", "documents": documents,
+                                            "raw_scores": raw, "return_documents": False}]
+
+
+async def test_a_cross_encoder_honours_top_n_and_return_documents_and_batches(make_proxy: Any, fake_infinity: Any
+                                                                           ) -> None:
+    fake_infinity.models, fake_infinity.cross_encoders = ["ce", "mxbai"], {"ce"}
+    client = await make_proxy(batch_size=3)
+    documents = [f"doc {i}" for i in range(7)]
+    status, answer = await rerank(client, {"query": "q", "documents": documents, "model": "ce", "top_n": 2,
+                                           "return_documents": True}, "/v2/rerank")
+    assert status == 200
+    order = sorted(range(7), key=lambda i: -cross_encoder_score("q", documents[i]))[:2]
+    assert answer["results"] == [{"index": i, "relevance_score": cross_encoder_score("q", documents[i]),
+                                  "document": {"text": documents[i]}} for i in order]
+    assert [len(body["documents"]) for body in fake_infinity.rerank_bodies] == [3, 3, 1]
+    assert answer["usage"] == {"prompt_tokens": 21, "total_tokens": 21}
+
+
+async def test_beside_a_cross_encoder_a_classify_model_keeps_its_prompts(make_proxy: Any, fake_infinity: Any) -> None:
+    fake_infinity.models, fake_infinity.cross_encoders = ["ce", SERVED_MODEL], {"ce"}
+    client = await make_proxy()
+    await rerank(client, {"query": "q", "documents": ["d"], "model": "ce"})
+    await rerank(client, {"query": "q", "documents": ["d"]})
+    assert fake_infinity.inputs == [proxy.classify_input("q", "d")]
+    assert len(fake_infinity.rerank_bodies) == 1
+
+
+async def test_a_cross_encoders_wrong_answer_is_502(client: Any, fake_infinity: Any) -> None:
+    fake_infinity.models, fake_infinity.cross_encoders = ["ce"], {"ce"}
+
+    async def repeated_index(request: web.Request) -> web.Response | None:
+        if request.path.endswith("/rerank"):
+            return web.json_response({"results": [{"index": 0, "relevance_score": 0.5}] * 2})
+        return None
+
+    fake_infinity.fault = repeated_index
+    status, answer = await rerank(client, {"query": "q", "documents": ["a", "b"]})
+    assert_error(status, answer, 502, "index")
