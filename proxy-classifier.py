@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import functools
 import hmac
 import json
@@ -23,6 +24,7 @@ import logging
 import math
 import os
 import re
+import socket
 import sys
 import time
 import unicodedata
@@ -2239,6 +2241,21 @@ def speedups_in_use() -> str:
     return "off (PROXY_NO_SPEEDUPS)" if SPEEDUPS_OFF else "none installed (pip install -r requirements-speedups.txt)"
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The socket the proxy serves on, bound and listening; or one line saying why not, and exit 1."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        # A flood of new connections waits in the kernel's queue for its fast 429, not in SYN retries.
+        return socket.create_server((host, port), family=family, backlog=1024)
+    except OSError as exc:
+        why = (exc.strerror or str(exc)).split(" (while attempting")[0]
+        if exc.errno == errno.EADDRINUSE:
+            why += ": another program listens there; stop it, or choose another port with --port (PORT)"
+        elif isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+            why += ": --host (HOST) must be an address of this machine, such as 127.0.0.1 or 0.0.0.0"
+        sys.exit(f"proxy-classifier.py: cannot listen on {host}:{port}: {why}")
+
+
 def main(argv: list[str] | None = None) -> None:
     config = load_config(argv)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -2246,15 +2263,13 @@ def main(argv: list[str] | None = None) -> None:
     if config.infinity_api_key and not config.api_key:
         log.warning("--infinity-api-key is used only with --api-key: without it, each client's own "
                     "Authorization header goes to Infinity as it came")
-    log.info("listening on %s:%d, Infinity at %s, model %s, speedups: %s", config.host, config.port,
+    sock = listening_socket(config.host, config.port)
+    log.info("listening on %s:%d, Infinity at %s, model %s, speedups: %s", config.host, sock.getsockname()[1],
              config.infinity_url, config.model, speedups_in_use())
     # uvloop's loop is handed to run_app rather than installed as the global policy (asyncio's
     # policies are deprecated from Python 3.14).
     loop = uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
-    web.run_app(make_app(config), host=config.host, port=config.port, access_log=None, print=None, loop=loop,
-                handler_cancellation=True,
-                # A flood of new connections waits in the kernel's queue for its fast 429, not in SYN retries.
-                backlog=1024,
+    web.run_app(make_app(config), sock=sock, access_log=None, print=None, loop=loop, handler_cancellation=True,
                 # SIGTERM/SIGINT: stop accepting, let requests in flight finish within their own deadline.
                 shutdown_timeout=config.timeout, **server_options(config))
 

@@ -1188,6 +1188,21 @@ def test_run_as_a_script_without_host_the_proxy_listens_on_loopback_only() -> No
     assert listening == {"127.0.0.1"}
 
 
+@pytest.mark.parametrize(("host", "says"), [("127.0.0.1", "another program listens there"),
+                                            ("192.0.2.1", "must be an address of this machine")])
+def test_a_port_it_cannot_listen_on_gives_one_line_naming_it_and_the_fix(host: str, says: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, str(ROOT / "proxy-classifier.py"), "--host", host, "--port", str(port)],
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    [line] = done.stderr.strip().splitlines()
+    assert f"cannot listen on {host}:{port}" in line and says in line, line
+    assert "listening" not in done.stderr  # said only once the socket is bound
+
+
 # ---------------------------------------------------------------------------------------------
 # Packaging: the Dockerfile, the compose file and the README agree with the proxy
 # ---------------------------------------------------------------------------------------------
