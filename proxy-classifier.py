@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import functools
 import hmac
@@ -1669,7 +1670,26 @@ MODELS = web.AppKey("models", ServedModels)
 TEMPLATE_SET = web.AppKey("templates", dict)
 REQUEST_ID = "X-Request-ID"
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
-STATS = web.RequestKey("stats", dict)  # per request: what the log line reports
+
+
+@dataclass
+class RequestStats:
+    """One request as its log line and its metrics tell it, and what it holds against the admission bounds."""
+
+    route: str  # the matched route's template: never the raw path
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    documents: int = 0
+    chunks: int = 0
+    upstream_calls: int = 0
+    template: str = ""
+    held_bytes: int = 0  # counted against --max-pending-bytes
+    admitted: bool = False  # holds one of --max-concurrent-requests' places
+
+    def milliseconds(self) -> float:
+        return 1000 * (time.perf_counter() - self.started)
+
+
+STATS = web.RequestKey("stats", RequestStats)
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a short printable token, safe in a log line as it is
 _UNSAFE_IN_LOG = re.compile(r'[\x00-\x20\x7f"\\]')
 
@@ -1698,7 +1718,7 @@ async def rerank(request: web.Request, shape: AnswerShape, speaks_tei: bool = Fa
         body, shape = rerank_body_from_tei(body, config), tei_answer
     rerank_request = parse_rerank(body, config)
     del body  # the fields the proxy ignores are not held while Infinity works
-    request[STATS]["documents"] = len(rerank_request.documents)
+    request[STATS].documents = len(rerank_request.documents)
     scores: list[float] = []
     tokens = 0
     if rerank_request.documents:  # none: an empty answer, and nothing asked of Infinity
@@ -1722,16 +1742,16 @@ async def scores_of_prompts(request: web.Request, rerank_request: RerankRequest,
     """A causal-LM reranker: its template's prompts, scored by Infinity's /classify."""
     app, config, stats = request.app, request.app[CONFIG], request[STATS]
     template = template_for(app[TEMPLATE_SET], config.template, rerank_request.model)
-    stats["template"] = template.name
+    stats.template = template.name
     plan = plan_prompts(rerank_request, config, app[TOKENS], template)
     # Before their bodies are built. Each prompt carries the query and the instruction (up to 2 * --max-query-chars).
     app[ADMISSION].take(stats, (PROMPT_BYTES + len(escaped_utf8(plan.prompt_head))) * len(plan.unique_texts))
     calls = classify_bodies(rerank_request.model, plan, config.batch_size, template.anchors[0])
-    stats["chunks"] = len(plan.unique_texts)
+    stats.chunks = len(plan.unique_texts)
     anchor = await app[CHECKS].anchor_for(served, template, headers)
     if anchor != template.anchors[0]:  # a model that pads with another token
         calls = classify_bodies(rerank_request.model, plan, config.batch_size, anchor)
-    stats["upstream_calls"] = len(calls)  # all start at once: a failed request's log line shows them too
+    stats.upstream_calls = len(calls)  # all start at once: a failed request's log line shows them too
     label = config.positive_label or template.positive_label
     prompt_scores, tokens = await Infinity.all_scores(
         [app[INFINITY].classify(body, inputs, headers, label) for body, inputs in calls])
@@ -1742,10 +1762,10 @@ async def scores_of_cross_encoder(request: web.Request, rerank_request: RerankRe
                                   headers: dict[str, str]) -> tuple[list[float], int]:
     """A model Infinity serves at its own /rerank: the query and documents go there as they are."""
     stats = request[STATS]
-    stats["template"] = "cross-encoder"
+    stats.template = "cross-encoder"
     calls = cross_encoder_bodies(rerank_request, request.app[CONFIG].batch_size)
     request.app[ADMISSION].take(stats, sum(len(body) for body, _ in calls))
-    stats["chunks"], stats["upstream_calls"] = len(rerank_request.texts), len(calls)
+    stats.chunks, stats.upstream_calls = len(rerank_request.texts), len(calls)
     return await Infinity.all_scores([request.app[INFINITY].rerank(body, n, headers) for body, n in calls])
 
 
@@ -1823,7 +1843,7 @@ async def models(request: web.Request) -> web.Response:
     infinity = request.app[INFINITY]
     status, answer_headers, answer = await infinity.forward(
         request.method, infinity.models_path, request.rel_url.raw_query_string, body, forwarded_headers(request))
-    request[STATS]["upstream_calls"] = 1
+    request[STATS].upstream_calls = 1
     if status in (401, 403) and infinity.uses_own_key():
         raise infinity.failure(status, answer_headers, answer)  # the proxy's key: a 502, as for reranks
     response = web.Response(status=status, body=answer)
@@ -1844,7 +1864,7 @@ async def forward_to_infinity(request: web.Request, raw_path: str) -> web.Stream
     body = await read_body(request)
     refuse_blank_inputs(body)
     infinity, config = request.app[INFINITY], request.app[CONFIG]
-    request[STATS]["upstream_calls"] = 1
+    request[STATS].upstream_calls = 1
     async with infinity.forwarded(request.method, raw_path, request.rel_url.raw_query_string, body,
                                   forwarded_headers(request)) as answer:
         if answer.status in (401, 403) and infinity.uses_own_key():  # the proxy's key: a 502, as for reranks
@@ -1924,7 +1944,7 @@ class Admission:
         return (declared <= self.max_body_size and self.requests < self.max_requests
                 and self.bytes + declared <= self.max_bytes)
 
-    def admit(self, stats: dict[str, Any], declared: int | None) -> None:
+    def admit(self, stats: RequestStats, declared: int | None) -> None:
         """Decided from the headers, before any of the body is read."""
         declared = declared or 0  # a chunked body is counted as it arrives (take)
         if declared > self.max_body_size:  # refused before reading it, rather than while reading it
@@ -1933,20 +1953,21 @@ class Admission:
             raise overloaded(f"{self.requests} requests are in hand, the most --max-concurrent-requests allows")
         self.take(stats, declared)
         self.requests += 1
+        stats.admitted = True
 
-    def take(self, stats: dict[str, Any], more: int) -> None:
+    def take(self, stats: RequestStats, more: int) -> None:
         """More bytes for an admitted request: a chunked body as it arrives, its prompts once planned. A
         request alone may pass the bound (its prompts can): else a request allowed by the other limits
         could be refused for ever."""
-        if self.bytes + more > self.max_bytes and self.bytes > stats["held_bytes"]:
+        if self.bytes + more > self.max_bytes and self.bytes > stats.held_bytes:
             raise overloaded(f"the requests in hand ({self.bytes} bytes of bodies and prompts, {PROMPT_BYTES} a "
                              f"prompt and its query) and this one would pass --max-pending-bytes ({self.max_bytes})")
         self.bytes += more
-        stats["held_bytes"] += more
+        stats.held_bytes += more
 
-    def release(self, stats: dict[str, Any]) -> None:
+    def release(self, stats: RequestStats) -> None:
         self.requests -= 1
-        self.bytes -= stats["held_bytes"]
+        self.bytes -= stats.held_bytes
 
 
 ADMISSION = web.AppKey("admission", Admission)
@@ -2015,15 +2036,16 @@ class Metrics:
         self._answered: dict[tuple[str, int, str], tuple[Any, Any]] = {}
         self._labelled: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
-    def answered(self, route: str, status: int, seconds: float, documents: int, template: str) -> None:
+    def answered(self, stats: RequestStats, status: int) -> None:
+        route, template = stats.route, stats.template
         children = self._answered.get((route, status, template))
         if children is None:
             children = self._answered[route, status, template] = (
                 self.requests.labels(route, str(status), template), self.request_seconds.labels(route))
         children[0].inc()
-        children[1].observe(seconds)
-        if documents:
-            self.labelled(self.documents, route, template).inc(documents)
+        children[1].observe(time.perf_counter() - stats.started)
+        if stats.documents:
+            self.labelled(self.documents, route, template).inc(stats.documents)
 
     def labelled(self, metric: Any, *labels: str) -> Any:
         child = self._labelled.get((metric, labels))
@@ -2050,67 +2072,67 @@ def bearer_matches(header: str | None, key: str) -> bool:
 
 @web.middleware
 async def errors_and_log(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Request id, auth, admission, one log line and the metrics per request, and every error as the
+    """Every request: its id, its key, its admission, one log line and its metrics; every error as the
     contract's JSON."""
-    started = time.perf_counter()
-    incoming = request.headers.get(REQUEST_ID, "")
-    request_id = incoming if _REQUEST_ID_OK.fullmatch(incoming) else uuid.uuid4().hex
-    request[REQUEST_ID_KEY] = request_id
-    stats: dict[str, Any] = {"documents": 0, "chunks": 0, "upstream_calls": 0, "held_bytes": 0, "template": ""}
-    request[STATS] = stats
-    app = request.app
     resource = request.match_info.route.resource  # None when no route matched: aiohttp's 404/405
-    route = UNMATCHED if resource is None else resource.canonical
-    admission = None
+    stats = request[STATS] = RequestStats(UNMATCHED if resource is None else resource.canonical)
+    incoming = request.headers.get(REQUEST_ID, "")
+    request[REQUEST_ID_KEY] = incoming if _REQUEST_ID_OK.fullmatch(incoming) else uuid.uuid4().hex
     status = 499  # nginx's "client closed request", unless an answer is made
     try:
-        try:
-            config = app[CONFIG]
-            if config.api_key and request.path not in OPEN_PATHS and not bearer_matches(
-                    request.headers.get("Authorization"), config.api_key):
-                raise RerankError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
-            refuse_encoded_body(request)
-            if resource is not None and route not in NEVER_REFUSED:
-                app[ADMISSION].admit(stats, request.content_length)
-                admission = app[ADMISSION]
-            response = await handler(request)
-        except (RerankError, web.HTTPException) as exc:  # aiohttp's own 404, 405, 413 too
-            error = exc if isinstance(exc, RerankError) else RerankError(exc.status, aiohttp_message(request, exc))
-            response = error_response(error)
-            if exc.status == 405 and "Allow" in exc.headers:
-                response.headers["Allow"] = exc.headers["Allow"]
-            if error.kind in REJECTED_AS:
-                app[METRICS].labelled(app[METRICS].rejected, REJECTED_AS[error.kind]).inc()
-            # Its traceback holds the handler's frames, and they the parsed request (hundreds of MB at most): not
-            # to be kept while the answer is written to a client that may be slow to read it.
-            error.__traceback__ = None
-        except asyncio.CancelledError:
-            log.info("request_id=%s %s %s cancelled: the client went away documents=%d ms=%.1f", request_id,
-                     *method_and_path(request), stats["documents"], 1000 * (time.perf_counter() - started))
-            raise
-        except Exception:
-            log.exception("request_id=%s %s %s failed: a bug", request_id, *method_and_path(request))
-            response = error_response(RerankError(500, f"internal error; quote request id {request_id}"))
-        response.headers[REQUEST_ID] = request_id
+        response = await answer_or_error(request, handler, stats)
+        response.headers[REQUEST_ID] = request[REQUEST_ID_KEY]
         status = response.status
-        # Refusing is free: an answer given before the whole body came (401, 404, 405, 413, 415, 429, 408) leaves
-        # the rest unread, and the connection is closed once the answer is out. aiohttp would otherwise read and
-        # discard the rest (for up to 10 s) before the connection could carry another request.
-        body_left = request.body_exists and not request.content.is_eof()
-        if body_left:
-            response.force_close()  # "Connection: close"
-        if admission is not None or body_left:  # an admitted request's answer is written while it still counts
-            await deliver(request, response, config.client_timeout)
-            if body_left and request.transport is not None:
-                request.transport.close()
+        await write_while_held(request, response, stats)
     finally:
-        if admission is not None:
-            admission.release(stats)
-        app[METRICS].answered(route, status, time.perf_counter() - started, stats["documents"], stats["template"])
+        if stats.admitted:
+            request.app[ADMISSION].release(stats)
+        request.app[METRICS].answered(stats, status)
     log.info("request_id=%s %s %s status=%d documents=%d chunks=%d upstream_calls=%d template=%s ms=%.1f",
-             request_id, *method_and_path(request), status, stats["documents"], stats["chunks"],
-             stats["upstream_calls"], stats["template"] or "-", 1000 * (time.perf_counter() - started))
+             request[REQUEST_ID_KEY], *method_and_path(request), status, stats.documents, stats.chunks,
+             stats.upstream_calls, stats.template or "-", stats.milliseconds())
     return response
+
+
+async def answer_or_error(request: web.Request, handler: Handler, stats: RequestStats) -> web.StreamResponse:
+    """The handler's answer once the key and admission allow it; any error rendered as the contract's JSON."""
+    app = request.app
+    try:
+        if app[CONFIG].api_key and request.path not in OPEN_PATHS and not bearer_matches(
+                request.headers.get("Authorization"), app[CONFIG].api_key):
+            raise RerankError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+        refuse_encoded_body(request)
+        if stats.route not in (UNMATCHED, *NEVER_REFUSED):
+            app[ADMISSION].admit(stats, request.content_length)
+        return await handler(request)
+    except (RerankError, web.HTTPException) as exc:  # aiohttp's own 404, 405, 413 too
+        error = exc if isinstance(exc, RerankError) else RerankError(exc.status, aiohttp_message(request, exc))
+        if exc.status == 405 and "Allow" in exc.headers:
+            error.headers["Allow"] = exc.headers["Allow"]
+        if error.kind in REJECTED_AS:
+            app[METRICS].labelled(app[METRICS].rejected, REJECTED_AS[error.kind]).inc()
+        return error_response(error)
+    except asyncio.CancelledError:
+        log.info("request_id=%s %s %s cancelled: the client went away documents=%d ms=%.1f", request[REQUEST_ID_KEY],
+                 *method_and_path(request), stats.documents, stats.milliseconds())
+        raise
+    except Exception:
+        log.exception("request_id=%s %s %s failed: a bug", request[REQUEST_ID_KEY], *method_and_path(request))
+        return error_response(RerankError(500, f"internal error; quote request id {request[REQUEST_ID_KEY]}"))
+
+
+async def write_while_held(request: web.Request, response: web.StreamResponse, stats: RequestStats) -> None:
+    """An admitted request's answer is written here, while it still counts against the bounds. Refusing is free:
+    an answer given before the whole body came (401, 404, 405, 413, 415, 429, 408) leaves the rest unread, and the
+    connection is closed once the answer is out; aiohttp would otherwise read and discard the rest (for up to
+    10 s) before the connection could carry another request."""
+    body_left = request.body_exists and not request.content.is_eof()
+    if body_left:
+        response.force_close()  # "Connection: close"
+    if stats.admitted or body_left:
+        await deliver(request, response, request.app[CONFIG].client_timeout)
+        if body_left and request.transport is not None:
+            request.transport.close()
 
 
 def refuse_encoded_body(request: web.Request) -> None:
