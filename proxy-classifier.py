@@ -313,34 +313,51 @@ LIVENESS_PROBE_SECONDS = 0.8
 READINESS_PROBE_SECONDS = 0.8
 
 
+def option(default: Any, text: str, secret: bool = False) -> Any:
+    """A Config field that is also a flag (--batch-size) and an environment variable (BATCH_SIZE): this
+    table alone drives argparse, the environment, the defaults and --help."""
+    return dataclasses.field(default=default, metadata={"help": text, "secret": secret})
+
+
 @dataclass(frozen=True)
 class Config:
     # Loopback unless told otherwise: a proxy with no --api-key must not be open to the network by accident.
     # The image sets HOST=0.0.0.0, where a container needs it.
-    host: str = "127.0.0.1"
-    port: int = 8002
-    infinity_url: str = "http://localhost:7997/v1"
-    model: str = "michaelfeil/mxbai-rerank-base-v2-seq"
-    timeout: float = 60.0
-    batch_size: int = 256
-    max_concurrency: int = 64
-    max_documents: int = 10_000
-    max_body_size: int = 32 * 1024 * 1024
-    max_query_chars: int = 4000
-    max_doc_chars: int = 8000
-    max_chunks_per_doc: int = 10
-    template: str = ""  # none: each request's model name chooses
-    template_file: str = ""
-    instruction: str | None = None  # none: the template's
-    positive_label: str = ""  # the template's
-    tokenizer: str = ""  # the model's tokenizer.json: prompts are then measured in its tokens
-    api_key: str = ""
-    infinity_api_key: str = ""
-    log_level: str = "INFO"
+    host: str = option("127.0.0.1", "address to listen on (0.0.0.0: every interface; then set --api-key)")
+    port: int = option(8002, "port to listen on")
+    infinity_url: str = option("http://localhost:7997/v1", "Infinity's base URL including its --url-prefix")
+    model: str = option("michaelfeil/mxbai-rerank-base-v2-seq",
+                        "model name sent to Infinity and echoed when a request names none")
+    timeout: float = option(60.0, "seconds a whole rerank request may take, queueing included (else 504)")
+    batch_size: int = option(256, "prompts per /classify call (at most 2048)")
+    max_concurrency: int = option(64, "/classify calls in flight at once, over all requests")
+    max_documents: int = option(10_000, "documents allowed in one rerank request")
+    max_body_size: int = option(32 * 1024 * 1024, "bytes allowed in one request body (else 413)")
+    max_query_chars: int = option(4000, "a longer query is cut to this many characters")
+    max_doc_chars: int = option(8000, "a longer document is split into chunks of at most this many characters")
+    max_chunks_per_doc: int = option(10, "chunks of one document scored, when a request gives no max_chunks_per_doc")
+    template: str = option("", "the prompt template for every request (mxbai-rerank-v2, qwen3-reranker, or one of "
+                           "--template-file); without it each request's model name chooses")
+    template_file: str = option("", "a JSON file of templates that adds to or replaces the built-in ones "
+                                "(README, Templates)")
+    instruction: str | None = option(None, "the instruction used when a request gives none (default: the "
+                                     "template's; mxbai-rerank-v2 has none, and an empty one means no instruction line)")
+    positive_label: str = option("", "the classifier label whose probability is the relevance score (default: the "
+                                 "template's, 1 for mxbai-rerank-v2)")
+    tokenizer: str = option("", "the served model's tokenizer.json: prompts are kept within the model's context "
+                            "counted in its tokens (needs the tokenizers package); without it, counted in UTF-8 "
+                            "bytes, a bound for any script")
+    api_key: str = option("", "if set, clients must send 'Authorization: Bearer <key>'", secret=True)
+    infinity_api_key: str = option("", "bearer token the proxy sends to Infinity", secret=True)
+    log_level: str = option("INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL")
     # Chosen by measurement (README, "Limits"): with them the proxy's peak RSS under any flood stays well under 1 GiB.
-    max_concurrent_requests: int = 256
-    max_pending_bytes: int = 64 * 1024 * 1024
-    client_timeout: float = 30.0
+    max_concurrent_requests: int = option(256, "requests handled at once; more are refused at once (429 "
+                                          "overloaded_error)")
+    max_pending_bytes: int = option(64 * 1024 * 1024, f"bytes of request bodies, and {PROMPT_BYTES} a prompt plus "
+                                    "its query and instruction, held at once; more are refused at once (429 "
+                                    "overloaded_error)")
+    client_timeout: float = option(30.0, "seconds a client may take to send its headers, and then its body (else "
+                                   "408 or the connection is closed), and to read its answer")
 
     @property
     def infinity_origin(self) -> URL:
@@ -352,126 +369,88 @@ class Config:
 
     def check(self) -> None:
         """Raise ValueError with the flag's name for any value the proxy cannot run with."""
+        self.check_numbers()
+        self.check_prompts()
+        self.check_infinity_url()
+        if self.max_pending_bytes < self.max_body_size:
+            raise ValueError(
+                f"--max-pending-bytes ({self.max_pending_bytes}) must be at least --max-body-size "
+                f"({self.max_body_size}), or a body of the largest allowed size could never be admitted")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"--log-level must be DEBUG, INFO, WARNING, ERROR or CRITICAL (got {self.log_level!r})")
 
-        def at_least(flag: str, value: float, low: float) -> None:
-            if not value >= low:
-                raise ValueError(f"{flag} must be at least {low:g} (got {value:g})")
-
-        at_least("--port", self.port, 0)
+    def check_numbers(self) -> None:
+        lowest = {"port": 0, "batch_size": 1, "max_concurrency": 1, "max_documents": 1, "max_body_size": 1,
+                  "max_query_chars": 1, "max_doc_chars": 1, "max_chunks_per_doc": 1, "max_concurrent_requests": 1}
+        for name, low in lowest.items():
+            if not getattr(self, name) >= low:
+                raise ValueError(f"{flag_of(name)} must be at least {low} (got {getattr(self, name)})")
         if self.port > 65535:
             raise ValueError(f"--port must be at most 65535 (got {self.port})")
-        if not (self.timeout > 0 and math.isfinite(self.timeout)):
-            raise ValueError(f"--timeout must be a positive number of seconds (got {self.timeout:g})")
-        at_least("--batch-size", self.batch_size, 1)
         if self.batch_size > INFINITY_MAX_BATCH:
-            raise ValueError(
-                f"--batch-size must be at most {INFINITY_MAX_BATCH}, Infinity's "
-                f"INFINITY_MAX_CLIENT_BATCH_SIZE (got {self.batch_size})"
-            )
-        for flag, value in (
-            ("--max-concurrency", self.max_concurrency),
-            ("--max-documents", self.max_documents),
-            ("--max-body-size", self.max_body_size),
-            ("--max-query-chars", self.max_query_chars),
-            ("--max-doc-chars", self.max_doc_chars),
-            ("--max-chunks-per-doc", self.max_chunks_per_doc),
-        ):
-            at_least(flag, value, 1)
+            raise ValueError(f"--batch-size must be at most {INFINITY_MAX_BATCH}, Infinity's "
+                             f"INFINITY_MAX_CLIENT_BATCH_SIZE (got {self.batch_size})")
+        for name in ("timeout", "client_timeout"):
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"{flag_of(name)} must be a positive number of seconds (got {getattr(self, name):g})")
+
+    def check_prompts(self) -> None:
         # The longest prompt: an instruction and a query of --max-query-chars each, one chunk.
         longest = max(map(template_overhead_chars, TEMPLATES.values())) + 2 * self.max_query_chars + self.max_doc_chars
         if longest > INFINITY_MAX_INPUT_CHARS:
             raise ValueError(
                 f"--max-query-chars and --max-doc-chars allow prompts of {longest} characters; "
                 f"Infinity refuses inputs over {INFINITY_MAX_INPUT_CHARS} "
-                "(keep 2 * max-query-chars + max-doc-chars under about 122,000)"
-            )
+                "(keep 2 * max-query-chars + max-doc-chars under about 122,000)")
         if len(self.instruction or "") > self.max_query_chars:
             raise ValueError("--instruction is longer than --max-query-chars")
         templates = templates_from_file(self.template_file)
         if self.template and self.template not in templates:
             raise ValueError(f"--template {self.template!r} is not a template; known: {', '.join(templates)}")
         TokenCounter.from_file(self.tokenizer)  # a bad --tokenizer stops the proxy at start
+
+    def check_infinity_url(self) -> None:
         url = URL(self.infinity_url)
         if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError(
-                f"--infinity-url must be an http(s) URL with a host, like "
-                f"http://localhost:7997/v1 (got {self.infinity_url!r})"
-            )
+            raise ValueError(f"--infinity-url must be an http(s) URL with a host, like "
+                             f"http://localhost:7997/v1 (got {self.infinity_url!r})")
         if url.query_string or url.fragment:
             raise ValueError("--infinity-url must not have a query or fragment")
         if url.user is not None or url.password is not None:
             raise ValueError("--infinity-url must not carry credentials; give Infinity's key as --infinity-api-key")
-        at_least("--max-concurrent-requests", self.max_concurrent_requests, 1)
-        if self.max_pending_bytes < self.max_body_size:
-            raise ValueError(
-                f"--max-pending-bytes ({self.max_pending_bytes}) must be at least --max-body-size "
-                f"({self.max_body_size}), or a body of the largest allowed size could never be admitted"
-            )
-        if not (self.client_timeout > 0 and math.isfinite(self.client_timeout)):
-            raise ValueError(f"--client-timeout must be a positive number of seconds (got {self.client_timeout:g})")
-        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-            raise ValueError(f"--log-level must be DEBUG, INFO, WARNING or ERROR (got {self.log_level!r})")
 
 
-# flag, type, help. The environment variable is the flag upper-cased with underscores.
-OPTIONS: list[tuple[str, type, str]] = [
-    ("--host", str, "address to listen on (0.0.0.0: every interface; then set --api-key)"),
-    ("--port", int, "port to listen on"),
-    ("--infinity-url", str, "Infinity's base URL including its --url-prefix"),
-    ("--model", str, "model name sent to Infinity and echoed when a request names none"),
-    ("--timeout", float, "seconds a whole rerank request may take, queueing included (else 504)"),
-    ("--batch-size", int, "prompts per /classify call (at most 2048)"),
-    ("--max-concurrency", int, "/classify calls in flight at once, over all requests"),
-    ("--max-documents", int, "documents allowed in one rerank request"),
-    ("--max-body-size", int, "bytes allowed in one request body (else 413)"),
-    ("--max-query-chars", int, "a longer query is cut to this many characters"),
-    ("--max-doc-chars", int, "a longer document is split into chunks of at most this many characters"),
-    ("--max-chunks-per-doc", int, "chunks of one document scored, when a request gives no max_chunks_per_doc"),
-    ("--template", str, "the prompt template for every request (mxbai-rerank-v2, qwen3-reranker, or one of "
-     "--template-file); without it each request's model name chooses"),
-    ("--template-file", str, "a JSON file of templates that adds to or replaces the built-in ones (README, Templates)"),
-    ("--instruction", str, "the instruction used when a request gives none (default: the template's; mxbai-rerank-v2 "
-     "has none, and an empty one means no instruction line)"),
-    ("--positive-label", str, "the classifier label whose probability is the relevance score (default: the "
-     "template's, 1 for mxbai-rerank-v2)"),
-    ("--tokenizer", str, "the served model's tokenizer.json: prompts are kept within the model's context counted "
-     "in its tokens (needs the tokenizers package); without it, counted in UTF-8 bytes, a bound for any script"),
-    ("--api-key", str, "if set, clients must send 'Authorization: Bearer <key>'"),
-    ("--infinity-api-key", str, "bearer token the proxy sends to Infinity"),
-    ("--log-level", str, "DEBUG, INFO, WARNING or ERROR"),
-    ("--max-concurrent-requests", int, "requests handled at once; more are refused at once (429 overloaded_error)"),
-    ("--max-pending-bytes", int, f"bytes of request bodies, and {PROMPT_BYTES} a prompt plus its query and "
-     "instruction, held at once; more are refused at once (429 overloaded_error)"),
-    ("--client-timeout", float, "seconds a client may take to send its headers, and then its body (else 408 "
-     "or the connection is closed), and to read its answer"),
-]
-SECRET_OPTIONS = {"--api-key", "--infinity-api-key"}
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def env_name(flag: str) -> str:
     return flag.lstrip("-").upper().replace("-", "_")
 
 
+# (flag, type, help) of every option, from Config's own fields; the environment variable is the flag upper-cased.
+OPTIONS: list[tuple[str, type, str]] = [
+    (flag_of(field.name), {"int": int, "float": float}.get(field.type, str), field.metadata["help"])
+    for field in dataclasses.fields(Config)]
+SECRET_OPTIONS = {flag_of(field.name) for field in dataclasses.fields(Config) if field.metadata["secret"]}
+
+
 def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Config:
     """Flags win over environment variables, which win over the defaults."""
     environ = dict(os.environ if environ is None else environ)
-    defaults = Config()
     parser = argparse.ArgumentParser(
         prog="proxy-classifier.py",
-        description="Rerank proxy: serves /rerank, /v1/rerank and /v2/rerank over Infinity's /classify "
-        "for mxbai-rerank-v2. Every option can also be set by the environment variable shown.",
-    )
+        description="Rerank proxy: serves /rerank, /v1/rerank and /v2/rerank over Infinity's /classify for LLM "
+        "rerankers (mxbai-rerank-v2, Qwen3-Reranker). Every option can also be set by the environment variable shown.")
     for flag, kind, text in OPTIONS:
-        field = flag[2:].replace("-", "_")
-        default = getattr(defaults, field)
-        shown = "(unset)" if flag in SECRET_OPTIONS or default == "" else default
-        parser.add_argument(flag, type=kind, default=None, metavar=field.upper(),
+        default = getattr(Config, flag[2:].replace("-", "_"))
+        shown = "(unset)" if flag in SECRET_OPTIONS or default in ("", None) else default
+        parser.add_argument(flag, type=kind, default=None, metavar=env_name(flag),
                             help=f"{text} [env {env_name(flag)}; default {shown}]")
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
     for flag, kind, _ in OPTIONS:
-        field = flag[2:].replace("-", "_")
-        given = getattr(args, field)
+        given = getattr(args, flag[2:].replace("-", "_"))
         if given is None and env_name(flag) in environ:
             raw = environ[env_name(flag)]
             try:
@@ -479,7 +458,7 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
             except ValueError:
                 parser.error(f"environment variable {env_name(flag)}={raw!r} is not a valid {kind.__name__}")
         if given is not None:
-            values[field] = given
+            values[flag[2:].replace("-", "_")] = given
     config = Config(**values)
     try:
         config.check()
