@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Rerank proxy for Infinity.
 
-Infinity serves mxbai-rerank-v2 (the two-label ``-seq`` conversion) only through ``/classify``
-(Infinity issue 552). This proxy accepts Cohere/Infinity/TEI-style rerank requests on ``/rerank``,
-``/v1/rerank`` and ``/v2/rerank``, builds mxbai-rerank-v2's own prompt for every query and
-document, sends the prompts to Infinity as batched ``/classify`` calls over one shared HTTP
-session, and answers with relevance scores in the shape each client parses.
+Infinity serves LLM rerankers converted to two-label classifiers (mxbai-rerank-v2's ``-seq``
+conversions, Qwen3-Reranker's) only through ``/classify`` (Infinity issue 552). This proxy accepts
+Cohere/Infinity/TEI-style rerank requests on ``/rerank``, ``/v1/rerank`` and ``/v2/rerank``, builds
+each model's own prompt for every query and document, sends the prompts to Infinity as batched
+``/classify`` calls over one shared HTTP session, and answers with relevance scores in the shape each
+client parses; a cross-encoder goes to Infinity's own ``/rerank``.
 
-The file reads top to bottom: the prompt the model was trained on, configuration, the
-translation as pure functions, the upstream client, thin handlers, the app factory.
+The file reads top to bottom, each name defined before it is used: the templates, configuration,
+errors and the JSON codec, the translation as pure functions, the upstream client, admission and
+metrics, thin handlers, the middleware and the app factory, main().
 """
 
 from __future__ import annotations
@@ -60,8 +62,8 @@ if not SPEEDUPS_OFF:
         import uvloop
 
 # --------------------------------------------------------------------------------------------
-# 1. What the models expect: each reranker family's prompt as data, and the one function that
-#    renders it. A family is an entry here, never a branch in the request path.
+# 1. What the models expect: each reranker family's prompt as data, the one function that renders
+#    it, and how many tokens a text takes. A family is an entry here, never a branch in the request path.
 # --------------------------------------------------------------------------------------------
 
 
@@ -164,23 +166,18 @@ TEMPLATE_FIELDS = {"name": str, "prefix": str, "instruction_line": str, "query_l
 PLACEHOLDERS = {"instruction_line": "instruction", "query_line": "query", "document_line": "document"}
 
 
-def templates_from_file(path: str) -> dict[str, Template]:
-    """The templates of a --template-file, file's first: {"templates": [{field: value, ...}, ...]}
-    (README, Templates). A mistake raises ValueError naming the file, the field and what is wrong."""
-    if not path:
-        return dict(TEMPLATES)
-    try:
-        with open(path, encoding="utf-8") as file:
-            entries = json.load(file)["templates"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"--template-file {path}: not a JSON object with a 'templates' list ({exc})") from None
-    if not isinstance(entries, list):
-        raise ValueError(f"--template-file {path}: 'templates' must be a list")
-    own = {}
-    for i, entry in enumerate(entries):
-        template = template_from_entry(entry, f"--template-file {path}: templates[{i}]")
-        own[template.name] = template
-    return {**own, **{name: t for name, t in TEMPLATES.items() if name not in own}}
+def json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    return "an object"
 
 
 def template_from_entry(entry: Any, where: str) -> Template:
@@ -212,6 +209,27 @@ def template_from_entry(entry: Any, where: str) -> Template:
     if entry.get("max_tokens", 1) < 1 or not entry.get("anchors", True):
         raise ValueError(f"{where}: max_tokens must be at least 1 and anchors not empty")
     return Template(**{field: tuple(value) if isinstance(value, list) else value for field, value in entry.items()})
+
+
+def templates_from_file(path: str) -> dict[str, Template]:
+    """The templates of a --template-file, file's first: {"templates": [{field: value, ...}, ...]}
+    (README, Templates). A mistake raises ValueError naming the file, the field and what is wrong."""
+    if not path:
+        return dict(TEMPLATES)
+    try:
+        with open(path, encoding="utf-8") as file:
+            entries = json.load(file)["templates"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"--template-file {path}: not a JSON object with a 'templates' list ({exc})") from None
+    if not isinstance(entries, list):
+        raise ValueError(f"--template-file {path}: 'templates' must be a list")
+    own = {}
+    for i, entry in enumerate(entries):
+        template = template_from_entry(entry, f"--template-file {path}: templates[{i}]")
+        own[template.name] = template
+    return {**own, **{name: t for name, t in TEMPLATES.items() if name not in own}}
+
+
 PAD_ANCHOR = DEFAULT_TEMPLATE.anchors[0]
 
 
@@ -319,6 +337,89 @@ def option(default: Any, text: str, secret: bool = False) -> Any:
     return dataclasses.field(default=default, metadata={"help": text, "secret": secret})
 
 
+class TokenCounter:
+    """How many tokens a text takes, as an upper bound. With --tokenizer, the model's own count (the
+    optional `tokenizers` package; no torch). Without, the text's UTF-8 bytes after the NFC normalisation
+    Qwen's tokenizers apply: a byte-level BPE token holds at least one byte, so no script (CJK, emoji)
+    can make a prompt outgrow the model. A special token of the template counts as one token."""
+
+    def __init__(self, tokenizer: Any = None) -> None:
+        self.tokenizer = tokenizer
+        self.template_costs: dict[tuple[Template, bool], int] = {}
+
+    @classmethod
+    def from_file(cls, path: str) -> TokenCounter:
+        if not path:
+            return cls()
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ValueError("--tokenizer needs the 'tokenizers' package: pip install tokenizers") from None
+        try:
+            return cls(Tokenizer.from_file(path))
+        except Exception as exc:  # the library raises its own error types for a missing or bad file
+            raise ValueError(f"--tokenizer {path!r} is not a tokenizer.json the tokenizers package reads: {exc}") from None
+
+    def bytes_bound(self, text: str) -> int:
+        if text.isascii():
+            return len(text)
+        if not unicodedata.is_normalized("NFC", text):
+            text = unicodedata.normalize("NFC", text)
+        return len(text.encode("utf-8", "surrogatepass"))
+
+    def count(self, text: str) -> int:
+        bound = self.bytes_bound(text)
+        if self.tokenizer is None or bound <= 1:
+            return bound
+        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def fits(self, text: str, budget: int) -> bool:
+        return self.bytes_bound(text) <= budget or (self.tokenizer is not None and self.count(text) <= budget)
+
+    def template_cost(self, template: Template, instruction_line: bool) -> int:
+        """Tokens of a prompt's fixed text (with or without its instruction line), its anchor included;
+        counted once per template."""
+        cost = self.template_costs.get((template, instruction_line))
+        if cost is None:
+            line = template.instruction_line.format(instruction="") if instruction_line else ""
+            text = (template.prefix + line + template.query_line.format(query="")
+                    + template.document_line.format(document="") + template.suffix)
+            if self.tokenizer is None:
+                specials = sum(text.count(token) for token in template.special_tokens)
+                for token in template.special_tokens:
+                    text = text.replace(token, "")
+                cost = self.bytes_bound(text) + specials + 1
+            else:
+                cost = self.count(text) + 1
+            self.template_costs[template, instruction_line] = cost
+        return cost
+
+    def fitting(self, text: str, budget: int) -> int:
+        """How many leading characters of `text` fit in `budget` tokens."""
+        if self.bytes_bound(text) <= budget:
+            return len(text)
+        if self.tokenizer is not None:
+            offsets = self.tokenizer.encode(text, add_special_tokens=False).offsets
+            return len(text) if len(offsets) <= budget else offsets[max(budget, 0)][0]
+        if text.isascii():
+            return max(budget, 0)
+        end = min(len(text), budget)
+        while end > 0 and (cost := self.bytes_bound(text[:end])) > budget:
+            end = min(end - 1, end * budget // cost)
+        return max(end, 0)
+
+
+UTF8_BOUND = TokenCounter()
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_name(flag: str) -> str:
+    return flag.lstrip("-").upper().replace("-", "_")
+
+
 @dataclass(frozen=True)
 class Config:
     # Loopback unless told otherwise: a proxy with no --api-key must not be open to the network by accident.
@@ -420,14 +521,6 @@ class Config:
             raise ValueError("--infinity-url must not carry credentials; give Infinity's key as --infinity-api-key")
 
 
-def flag_of(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def env_name(flag: str) -> str:
-    return flag.lstrip("-").upper().replace("-", "_")
-
-
 # (flag, type, help) of every option, from Config's own fields; the environment variable is the flag upper-cased.
 OPTIONS: list[tuple[str, type, str]] = [
     (flag_of(field.name), {"int": int, "float": float}.get(field.type, str), field.metadata["help"])
@@ -468,8 +561,7 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
 
 
 # --------------------------------------------------------------------------------------------
-# 3. The translation, as pure functions: body -> rerank request -> prompts -> classify calls ->
-#    scores per document -> the answer for the route's shape. No I/O here.
+# 3. Errors and the JSON codec: one error type; JSON read and written the same way with orjson or without.
 # --------------------------------------------------------------------------------------------
 
 
@@ -498,6 +590,186 @@ class RerankError(Exception):
 
 def bad_request(message: str, param: str | None = None) -> RerankError:
     return RerankError(400, message, param)
+
+
+def is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def unpaired_surrogate(param: str) -> RerankError:
+    # JSON can carry a lone UTF-16 surrogate ("\ud800"); UTF-8, and so Infinity, cannot.
+    return bad_request(f"{param} contains an unpaired UTF-16 surrogate (such as \\ud800), which is not text", param)
+
+
+def refuse_non_finite(constant: str) -> float:
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def finite_float(text: str) -> float:
+    """NaN and Infinity are not JSON: a body carrying them (1e999 too) could not be echoed as JSON."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range for a number")
+    return value
+
+
+# Built once: json.loads with hooks builds a decoder and its scanner on every call.
+_strict_json_decoder = json.JSONDecoder(parse_constant=refuse_non_finite, parse_float=finite_float)
+
+
+def stdlib_json_loads(raw: bytes, strict: bool = True) -> Any:
+    """JSON as the standard library reads it. Strict (a client's body): NaN, Infinity and numbers
+    beyond a float (1e999) are refused, since an answer could not echo them as JSON."""
+    if not strict:
+        return json.loads(raw)
+    # As json.loads reads bytes (UTF-8, -16 or -32, by the first bytes), then the prebuilt decoder.
+    return _strict_json_decoder.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
+
+
+HUGE_NUMBER = 2.0**63  # orjson reads integers in [-2**63, 2**64) exactly, any other as a float this large or larger
+
+
+def holds_huge_number(value: Any) -> bool:
+    """Whether a value holds a float of magnitude 2**63 or more: the mark of an integer orjson read as
+    a float. Each list or object is looked at in one C-level pass (a list of strings costs little)."""
+    pending: list[Any] = [[value]]
+    while pending:
+        container = pending.pop()
+        items = container.values() if isinstance(container, dict) else container
+        kinds = set(map(type, items))
+        if float in kinds and any(abs(item) >= HUGE_NUMBER for item in items if isinstance(item, float)):
+            return True
+        if dict in kinds or list in kinds:
+            pending.extend(item for item in items if isinstance(item, (dict, list)))
+    return False
+
+
+def orjson_loads(raw: bytes, strict: bool = True) -> Any:
+    """orjson where it reads a body as the standard library does, else the stdlib's own value or error.
+    orjson refuses what the stdlib reads (an unpaired surrogate "\\ud800", whose 400 then names its
+    field; nesting past 1024, a BOM, UTF-16, NaN) and reads an integer beyond 64 bits as a float,
+    which the stdlib reads exactly. Not strict (Infinity's answers), the float stays: the answer is
+    checked field by field, and its error messages quote the stdlib's reading."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return stdlib_json_loads(raw, strict)
+    return stdlib_json_loads(raw) if strict and holds_huge_number(value) else value
+
+
+def stdlib_json_dumps(value: Any) -> bytes:
+    return compact_json(value).encode()
+
+
+def orjson_dumps(value: Any) -> bytes:
+    """The same JSON values as the stdlib writes (non-ASCII as UTF-8, not \\u escapes). What orjson
+    refuses (an unpaired surrogate or an integer beyond 64 bits in an echoed document) the stdlib writes."""
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return stdlib_json_dumps(value)
+
+
+json_loads = stdlib_json_loads if orjson is None else orjson_loads
+
+
+json_dumps = stdlib_json_dumps if orjson is None else orjson_dumps
+
+
+# Far deeper than any real document, and far enough below Python's recursion limit that encoding a
+# document again (its rank_fields lines, or the answer echoing it) cannot overflow the stack: the
+# parser accepts nesting almost up to that limit, and a RecursionError there would be a 500.
+MAX_DOCUMENT_NESTING = 64
+
+
+# A whole body: one fixed bound, below both parsers' own (orjson's 1024 levels; the stdlib's recursion
+# limit less the stack in use, about 950 in a handler), so that the status never depends on the parser.
+MAX_BODY_NESTING = 512
+
+
+def nesting_of(value: Any) -> int:
+    """How many objects and lists deep a JSON value goes (0 for a string), counted level by level without
+    recursion; a level without objects or lists (a body's documents, most often) is seen in one C-level pass."""
+    depth, level = 0, [value]
+    while set(map(type, level)) & {dict, list}:
+        depth += 1
+        level = [child for item in level if type(item) in (dict, list)
+                 for child in (item.values() if type(item) is dict else item)]
+    return depth
+
+
+# What a parsed body costs depends on how many JSON values it holds, not on its bytes: an empty list costs Python
+# 56 bytes and takes 3 in the body ("[],"), a two-letter string 56 and 5 ('"ab",'): 32 MiB of them in an ignored
+# field took 20 times the body and seconds to build. So a body may hold 8 values a document it may carry, and one
+# per 16 bytes beyond that, counted before it is parsed as the commas, "[" and "{" outside strings (every value
+# but a container's first follows a comma): values then cost at most about 5 times the body. A body under 1 MiB is
+# parsed whatever it holds (a few tens of MB at most), so that its error says what is wrong with it (a deep
+# nesting, say) rather than how many values it has.
+VALUES_PER_DOCUMENT = 8
+
+
+BODY_BYTES_PER_VALUE = 16
+
+
+VALUES_COUNTED_FROM = 1 << 20  # body bytes
+
+
+_NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'",[{')))
+
+
+_STRUCTURE_IN_A_STRING = re.compile(rb'"([^"]*)"')  # quote pairs, empty strings too: they must pair up
+
+
+def values_outside_strings(raw: bytes) -> int:
+    """The commas, "[" and "{" of a JSON text that are not inside a string, in C-level passes over the bytes:
+    escaped backslashes and quotes are dropped, then everything but quotes, commas and brackets, and what is left
+    between two quotes was text."""
+    structure = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE)
+    in_strings = sum(map(len, _STRUCTURE_IN_A_STRING.findall(structure)))
+    return len(structure) - structure.count(b'"') - in_strings
+
+
+def refuse_json_that_expands(raw: bytes, max_documents: int) -> None:
+    """A 400, before parsing, for a body of more values than its size justifies. Counted first cheaply, commas and
+    brackets in text included; only a body over the bound by that count is counted again without its strings
+    (text full of commas or brackets, such as code or CSV, is no reason to refuse)."""
+    allowed = VALUES_PER_DOCUMENT * max_documents + len(raw) // BODY_BYTES_PER_VALUE
+    if len(raw) < VALUES_COUNTED_FROM or raw.count(b",") + raw.count(b"[") + raw.count(b"{") <= allowed:
+        return
+    found = values_outside_strings(raw)
+    if found > allowed:
+        raise bad_request(f"the request body holds about {found} JSON values, more than a body of {len(raw)} bytes "
+                          f"may ({allowed}: {VALUES_PER_DOCUMENT} a document and one per {BODY_BYTES_PER_VALUE} "
+                          "bytes); leave out what the proxy does not need")
+
+
+def decode_body(raw: bytes, max_documents: int = Config.max_documents) -> dict[str, Any]:
+    """The request body as a JSON object, whatever its Content-Type says (curl without -H)."""
+    if not raw or raw.isspace():
+        raise bad_request("the request body is empty; send a JSON object with 'query' and 'documents'")
+    refuse_json_that_expands(raw, max_documents)
+    too_deep = f"the request body is nested too deeply: at most {MAX_BODY_NESTING} levels"
+    try:
+        body = json_loads(raw)
+    except RecursionError:
+        raise bad_request(too_deep) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}") from None
+    if nesting_of(body) > MAX_BODY_NESTING:  # orjson reads up to 1024 levels, the stdlib as deep as the stack allows
+        raise bad_request(too_deep)
+    if not isinstance(body, dict):
+        raise bad_request(f"the request body must be a JSON object, got {json_type(body)}")
+    return body
+
+
+# --------------------------------------------------------------------------------------------
+# 4. The translation, as pure functions: body -> rerank request -> prompts -> classify calls ->
+#    scores per document -> the answer for the route's shape. No I/O here.
+# --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -531,167 +803,10 @@ def optional_field(body: dict[str, Any], name: str, kind: str) -> Any:
     return value
 
 
-def json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return f"the number {value!r}"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    return "an object"
-
-
-def refuse_non_finite(constant: str) -> float:
-    raise ValueError(f"{constant} is not a JSON number")
-
-
-def finite_float(text: str) -> float:
-    """NaN and Infinity are not JSON: a body carrying them (1e999 too) could not be echoed as JSON."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text} is out of range for a number")
-    return value
-
-
-# Built once: json.loads with hooks builds a decoder and its scanner on every call.
-_strict_json_decoder = json.JSONDecoder(parse_constant=refuse_non_finite, parse_float=finite_float)
-
-
-def stdlib_json_loads(raw: bytes, strict: bool = True) -> Any:
-    """JSON as the standard library reads it. Strict (a client's body): NaN, Infinity and numbers
-    beyond a float (1e999) are refused, since an answer could not echo them as JSON."""
-    if not strict:
-        return json.loads(raw)
-    # As json.loads reads bytes (UTF-8, -16 or -32, by the first bytes), then the prebuilt decoder.
-    return _strict_json_decoder.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
-
-
-def orjson_loads(raw: bytes, strict: bool = True) -> Any:
-    """orjson where it reads a body as the standard library does, else the stdlib's own value or error.
-    orjson refuses what the stdlib reads (an unpaired surrogate "\\ud800", whose 400 then names its
-    field; nesting past 1024, a BOM, UTF-16, NaN) and reads an integer beyond 64 bits as a float,
-    which the stdlib reads exactly. Not strict (Infinity's answers), the float stays: the answer is
-    checked field by field, and its error messages quote the stdlib's reading."""
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return stdlib_json_loads(raw, strict)
-    return stdlib_json_loads(raw) if strict and holds_huge_number(value) else value
-
-
-HUGE_NUMBER = 2.0**63  # orjson reads integers in [-2**63, 2**64) exactly, any other as a float this large or larger
-
-
-def holds_huge_number(value: Any) -> bool:
-    """Whether a value holds a float of magnitude 2**63 or more: the mark of an integer orjson read as
-    a float. Each list or object is looked at in one C-level pass (a list of strings costs little)."""
-    pending: list[Any] = [[value]]
-    while pending:
-        container = pending.pop()
-        items = container.values() if isinstance(container, dict) else container
-        kinds = set(map(type, items))
-        if float in kinds and any(abs(item) >= HUGE_NUMBER for item in items if isinstance(item, float)):
-            return True
-        if dict in kinds or list in kinds:
-            pending.extend(item for item in items if isinstance(item, (dict, list)))
-    return False
-
-
-def stdlib_json_dumps(value: Any) -> bytes:
-    return compact_json(value).encode()
-
-
-def orjson_dumps(value: Any) -> bytes:
-    """The same JSON values as the stdlib writes (non-ASCII as UTF-8, not \\u escapes). What orjson
-    refuses (an unpaired surrogate or an integer beyond 64 bits in an echoed document) the stdlib writes."""
-    try:
-        return orjson.dumps(value)
-    except orjson.JSONEncodeError:
-        return stdlib_json_dumps(value)
-
-
-json_loads = stdlib_json_loads if orjson is None else orjson_loads
-json_dumps = stdlib_json_dumps if orjson is None else orjson_dumps
-
-
-def decode_body(raw: bytes, max_documents: int = Config.max_documents) -> dict[str, Any]:
-    """The request body as a JSON object, whatever its Content-Type says (curl without -H)."""
-    if not raw or raw.isspace():
-        raise bad_request("the request body is empty; send a JSON object with 'query' and 'documents'")
-    refuse_json_that_expands(raw, max_documents)
-    too_deep = f"the request body is nested too deeply: at most {MAX_BODY_NESTING} levels"
-    try:
-        body = json_loads(raw)
-    except RecursionError:
-        raise bad_request(too_deep) from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise bad_request(f"the request body is not valid JSON: {exc}") from None
-    if nesting_of(body) > MAX_BODY_NESTING:  # orjson reads up to 1024 levels, the stdlib as deep as the stack allows
-        raise bad_request(too_deep)
-    if not isinstance(body, dict):
-        raise bad_request(f"the request body must be a JSON object, got {json_type(body)}")
-    return body
-
-
-# What a parsed body costs depends on how many JSON values it holds, not on its bytes: an empty list costs Python
-# 56 bytes and takes 3 in the body ("[],"), a two-letter string 56 and 5 ('"ab",'): 32 MiB of them in an ignored
-# field took 20 times the body and seconds to build. So a body may hold 8 values a document it may carry, and one
-# per 16 bytes beyond that, counted before it is parsed as the commas, "[" and "{" outside strings (every value
-# but a container's first follows a comma): values then cost at most about 5 times the body. A body under 1 MiB is
-# parsed whatever it holds (a few tens of MB at most), so that its error says what is wrong with it (a deep
-# nesting, say) rather than how many values it has.
-VALUES_PER_DOCUMENT = 8
-BODY_BYTES_PER_VALUE = 16
-VALUES_COUNTED_FROM = 1 << 20  # body bytes
-_NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'",[{')))
-_STRUCTURE_IN_A_STRING = re.compile(rb'"([^"]*)"')  # quote pairs, empty strings too: they must pair up
-
-
-def refuse_json_that_expands(raw: bytes, max_documents: int) -> None:
-    """A 400, before parsing, for a body of more values than its size justifies. Counted first cheaply, commas and
-    brackets in text included; only a body over the bound by that count is counted again without its strings
-    (text full of commas or brackets, such as code or CSV, is no reason to refuse)."""
-    allowed = VALUES_PER_DOCUMENT * max_documents + len(raw) // BODY_BYTES_PER_VALUE
-    if len(raw) < VALUES_COUNTED_FROM or raw.count(b",") + raw.count(b"[") + raw.count(b"{") <= allowed:
-        return
-    found = values_outside_strings(raw)
-    if found > allowed:
-        raise bad_request(f"the request body holds about {found} JSON values, more than a body of {len(raw)} bytes "
-                          f"may ({allowed}: {VALUES_PER_DOCUMENT} a document and one per {BODY_BYTES_PER_VALUE} "
-                          "bytes); leave out what the proxy does not need")
-
-
-def values_outside_strings(raw: bytes) -> int:
-    """The commas, "[" and "{" of a JSON text that are not inside a string, in C-level passes over the bytes:
-    escaped backslashes and quotes are dropped, then everything but quotes, commas and brackets, and what is left
-    between two quotes was text."""
-    structure = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE)
-    in_strings = sum(map(len, _STRUCTURE_IN_A_STRING.findall(structure)))
-    return len(structure) - structure.count(b'"') - in_strings
-
-
-# Far deeper than any real document, and far enough below Python's recursion limit that encoding a
-# document again (its rank_fields lines, or the answer echoing it) cannot overflow the stack: the
-# parser accepts nesting almost up to that limit, and a RecursionError there would be a 500.
-MAX_DOCUMENT_NESTING = 64
-# A whole body: one fixed bound, below both parsers' own (orjson's 1024 levels; the stdlib's recursion
-# limit less the stack in use, about 950 in a handler), so that the status never depends on the parser.
-MAX_BODY_NESTING = 512
-
-
-def nesting_of(value: Any) -> int:
-    """How many objects and lists deep a JSON value goes (0 for a string), counted level by level without
-    recursion; a level without objects or lists (a body's documents, most often) is seen in one C-level pass."""
-    depth, level = 0, [value]
-    while set(map(type, level)) & {dict, list}:
-        depth += 1
-        level = [child for item in level if type(item) in (dict, list)
-                 for child in (item.values() if type(item) is dict else item)]
-    return depth
+def as_text(value: Any) -> str:
+    # The stdlib both ways: this text goes into the prompt, and orjson writes some numbers
+    # differently (1e-7 where the stdlib writes 1e-07), which would change the score.
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def text_of(document: Any, index: int, rank_fields: list[str] | None) -> str:
@@ -716,10 +831,26 @@ def text_of(document: Any, index: int, rank_fields: list[str] | None) -> str:
     return text
 
 
-def as_text(value: Any) -> str:
-    # The stdlib both ways: this text goes into the prompt, and orjson writes some numbers
-    # differently (1e-7 where the stdlib writes 1e-07), which would change the score.
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+MAX_NAME_CHARS = 256  # a rank field's name, a model's
+
+
+MAX_RANK_FIELDS = 32
+
+
+def checked_rank_fields(rank_fields: list[Any] | None) -> list[str] | None:
+    """The fields to score, each once, in the order first named: a field named twice would put its value into
+    every prompt twice (a 1 MB field named 400 times: 400 MB of prompts)."""
+    if rank_fields is None:
+        return None
+    if len(rank_fields) > MAX_RANK_FIELDS:
+        raise bad_request(f"'rank_fields' has {len(rank_fields)} entries, at most {MAX_RANK_FIELDS}", "rank_fields")
+    for i, field in enumerate(rank_fields):
+        if not isinstance(field, str):
+            raise bad_request(f"rank_fields[{i}] must be a string, got {json_type(field)}", f"rank_fields[{i}]")
+        if len(field) > MAX_NAME_CHARS:
+            raise bad_request(f"rank_fields[{i}] is {len(field)} characters, at most {MAX_NAME_CHARS}",
+                              f"rank_fields[{i}]")
+    return list(dict.fromkeys(rank_fields))
 
 
 def parse_rerank(body: dict[str, Any], config: Config) -> RerankRequest:
@@ -774,26 +905,6 @@ def parse_rerank(body: dict[str, Any], config: Config) -> RerankRequest:
     )
 
 
-MAX_RANK_FIELDS = 32
-MAX_NAME_CHARS = 256  # a rank field's name, a model's
-
-
-def checked_rank_fields(rank_fields: list[Any] | None) -> list[str] | None:
-    """The fields to score, each once, in the order first named: a field named twice would put its value into
-    every prompt twice (a 1 MB field named 400 times: 400 MB of prompts)."""
-    if rank_fields is None:
-        return None
-    if len(rank_fields) > MAX_RANK_FIELDS:
-        raise bad_request(f"'rank_fields' has {len(rank_fields)} entries, at most {MAX_RANK_FIELDS}", "rank_fields")
-    for i, field in enumerate(rank_fields):
-        if not isinstance(field, str):
-            raise bad_request(f"rank_fields[{i}] must be a string, got {json_type(field)}", f"rank_fields[{i}]")
-        if len(field) > MAX_NAME_CHARS:
-            raise bad_request(f"rank_fields[{i}] is {len(field)} characters, at most {MAX_NAME_CHARS}",
-                              f"rank_fields[{i}]")
-    return list(dict.fromkeys(rank_fields))
-
-
 TRUNCATION_DIRECTIONS = ("left", "right")  # TEI's; Haystack sends "Left"/"Right"
 
 
@@ -826,81 +937,6 @@ def rerank_body_from_tei(body: dict[str, Any], config: Config) -> dict[str, Any]
 _WHITESPACE = re.compile(r"\s")
 # Room for the few tokens that BPE merges can add where the pieces of a prompt meet.
 BOUNDARY_TOKENS = 16
-
-
-class TokenCounter:
-    """How many tokens a text takes, as an upper bound. With --tokenizer, the model's own count (the
-    optional `tokenizers` package; no torch). Without, the text's UTF-8 bytes after the NFC normalisation
-    Qwen's tokenizers apply: a byte-level BPE token holds at least one byte, so no script (CJK, emoji)
-    can make a prompt outgrow the model. A special token of the template counts as one token."""
-
-    def __init__(self, tokenizer: Any = None) -> None:
-        self.tokenizer = tokenizer
-        self.template_costs: dict[tuple[Template, bool], int] = {}
-
-    @classmethod
-    def from_file(cls, path: str) -> TokenCounter:
-        if not path:
-            return cls()
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise ValueError("--tokenizer needs the 'tokenizers' package: pip install tokenizers") from None
-        try:
-            return cls(Tokenizer.from_file(path))
-        except Exception as exc:  # the library raises its own error types for a missing or bad file
-            raise ValueError(f"--tokenizer {path!r} is not a tokenizer.json the tokenizers package reads: {exc}") from None
-
-    def bytes_bound(self, text: str) -> int:
-        if text.isascii():
-            return len(text)
-        if not unicodedata.is_normalized("NFC", text):
-            text = unicodedata.normalize("NFC", text)
-        return len(text.encode("utf-8", "surrogatepass"))
-
-    def count(self, text: str) -> int:
-        bound = self.bytes_bound(text)
-        if self.tokenizer is None or bound <= 1:
-            return bound
-        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
-
-    def fits(self, text: str, budget: int) -> bool:
-        return self.bytes_bound(text) <= budget or (self.tokenizer is not None and self.count(text) <= budget)
-
-    def template_cost(self, template: Template, instruction_line: bool) -> int:
-        """Tokens of a prompt's fixed text (with or without its instruction line), its anchor included;
-        counted once per template."""
-        cost = self.template_costs.get((template, instruction_line))
-        if cost is None:
-            line = template.instruction_line.format(instruction="") if instruction_line else ""
-            text = (template.prefix + line + template.query_line.format(query="")
-                    + template.document_line.format(document="") + template.suffix)
-            if self.tokenizer is None:
-                specials = sum(text.count(token) for token in template.special_tokens)
-                for token in template.special_tokens:
-                    text = text.replace(token, "")
-                cost = self.bytes_bound(text) + specials + 1
-            else:
-                cost = self.count(text) + 1
-            self.template_costs[template, instruction_line] = cost
-        return cost
-
-    def fitting(self, text: str, budget: int) -> int:
-        """How many leading characters of `text` fit in `budget` tokens."""
-        if self.bytes_bound(text) <= budget:
-            return len(text)
-        if self.tokenizer is not None:
-            offsets = self.tokenizer.encode(text, add_special_tokens=False).offsets
-            return len(text) if len(offsets) <= budget else offsets[max(budget, 0)][0]
-        if text.isascii():
-            return max(budget, 0)
-        end = min(len(text), budget)
-        while end > 0 and (cost := self.bytes_bound(text[:end])) > budget:
-            end = min(end - 1, end * budget // cost)
-        return max(end, 0)
-
-
-UTF8_BOUND = TokenCounter()
 
 
 def chunks_of(text: str, max_chars: int, max_chunks: int, budget: int | None = None,
@@ -939,6 +975,10 @@ class ClassifyPlan:
     chunks_by_document: list[list[int]] | None
 
 
+def has_line(template: Template, instruction: str) -> bool:
+    return bool(instruction) or not template.instruction_optional
+
+
 def fitted_query(query: str, instruction: str, template: Template, counter: TokenCounter) -> str:
     """The query, cut so that it and the instruction take at most three quarters of the model's context
     (mixedbread's library keeps the same share for the query), leaving the rest to the document."""
@@ -948,10 +988,6 @@ def fitted_query(query: str, instruction: str, template: Template, counter: Toke
         raise bad_request(f"'instruction' leaves no room for the query in the model's {template.max_tokens} tokens",
                           "instruction")
     return query if counter.bytes_bound(query) <= room else query[: max(1, counter.fitting(query, room))]
-
-
-def has_line(template: Template, instruction: str) -> bool:
-    return bool(instruction) or not template.instruction_optional
 
 
 def plan_prompts(request: RerankRequest, config: Config, counter: TokenCounter = UTF8_BOUND,
@@ -993,6 +1029,14 @@ def classify_batches(plan: ClassifyPlan, batch_size: int) -> list[range]:
     return [range(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
 
 
+def document_param(plan: ClassifyPlan, batch: range) -> str:
+    """Which document holds the text that UTF-8 cannot carry (the error path only)."""
+    bad = next(i for i in batch if not is_utf8(plan.unique_texts[i]))
+    if plan.chunks_by_document is None:
+        return f"documents[{bad}]"
+    return f"documents[{next(d for d, ids in enumerate(plan.chunks_by_document) if bad in ids)}]"
+
+
 def classify_bodies(model: str, plan: ClassifyPlan, batch_size: int,
                     anchor: str = PAD_ANCHOR) -> list[tuple[bytes, int]]:
     """The /classify calls to make, as (JSON body, number of inputs). Bodies are written by hand:
@@ -1013,25 +1057,11 @@ def classify_bodies(model: str, plan: ClassifyPlan, batch_size: int,
     return calls
 
 
-def document_param(plan: ClassifyPlan, batch: range) -> str:
-    """Which document holds the text that UTF-8 cannot carry (the error path only)."""
-    bad = next(i for i in batch if not is_utf8(plan.unique_texts[i]))
-    if plan.chunks_by_document is None:
-        return f"documents[{bad}]"
-    return f"documents[{next(d for d, ids in enumerate(plan.chunks_by_document) if bad in ids)}]"
-
-
-def is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def unpaired_surrogate(param: str) -> RerankError:
-    # JSON can carry a lone UTF-16 surrogate ("\ud800"); UTF-8, and so Infinity, cannot.
-    return bad_request(f"{param} contains an unpaired UTF-16 surrogate (such as \\ud800), which is not text", param)
+def prompt_tokens(answer: dict[str, Any]) -> int:
+    usage = answer.get("usage")
+    tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else 0
+    # A count beyond 64 bits is no count (and orjson would have read it as a float).
+    return tokens if is_integer(tokens) and 0 <= tokens < 2**64 else 0
 
 
 def positive_probabilities(answer: Any, expected: int, positive_label: str) -> tuple[list[float], int]:
@@ -1096,13 +1126,6 @@ def cross_encoder_scores(answer: Any, expected: int) -> tuple[list[float], int]:
             raise RerankError(502, f"Infinity's /rerank answer has a score that is not a number: {score!r}")
         scores[index] = float(score)
     return scores, prompt_tokens(answer)  # type: ignore[return-value]
-
-
-def prompt_tokens(answer: dict[str, Any]) -> int:
-    usage = answer.get("usage")
-    tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else 0
-    # A count beyond 64 bits is no count (and orjson would have read it as a float).
-    return tokens if is_integer(tokens) and 0 <= tokens < 2**64 else 0
 
 
 def log_odds(p: float) -> float:
@@ -1193,7 +1216,7 @@ def tei_info(config: Config, template: Template, check: AnchorCheck | None) -> d
 
 
 # --------------------------------------------------------------------------------------------
-# 4. The upstream client: the one place that talks to Infinity.
+# 5. The upstream client: the one place that talks to Infinity.
 # --------------------------------------------------------------------------------------------
 
 RETRY_AFTER = "Retry-After"
@@ -1261,6 +1284,21 @@ def reuse_tracing() -> TraceConfig:
     tracing = TraceConfig()
     tracing.on_connection_reuseconn.append(reused)
     return tracing
+
+
+async def all_or_nothing(calls: list[Awaitable[Any]]) -> list[Any]:
+    """Run the calls concurrently; on the first failure cancel the rest and raise it."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        return [task.result() for task in tasks]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class Infinity:
@@ -1622,34 +1660,9 @@ class AnchorChecks:
         return {model: check.report() for model, check in self.done.items()}
 
 
-async def all_or_nothing(calls: list[Awaitable[Any]]) -> list[Any]:
-    """Run the calls concurrently; on the first failure cancel the rest and raise it."""
-    tasks = [asyncio.ensure_future(call) for call in calls]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            if task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
-        return [task.result() for task in tasks]
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
 # --------------------------------------------------------------------------------------------
-# 5. Handlers: thin. Read, translate, call, answer.
+# 6. Admission and metrics: what each request holds and what the proxy counts.
 # --------------------------------------------------------------------------------------------
-
-CONFIG = web.AppKey("config", Config)
-INFINITY = web.AppKey("infinity", Infinity)
-CHECKS = web.AppKey("checks", AnchorChecks)
-TOKENS = web.AppKey("tokens", TokenCounter)
-MODELS = web.AppKey("models", ServedModels)
-TEMPLATE_SET = web.AppKey("templates", dict)
-REQUEST_ID = "X-Request-ID"
-REQUEST_ID_KEY = web.RequestKey("request_id", str)
-
 
 @dataclass
 class RequestStats:
@@ -1669,241 +1682,14 @@ class RequestStats:
 
 
 STATS = web.RequestKey("stats", RequestStats)
-_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a short printable token, safe in a log line as it is
-_UNSAFE_IN_LOG = re.compile(r'[\x00-\x20\x7f"\\]')
 
 
-def escaped_for_log(value: str) -> str:
-    """A value taken from a request, made one log token: control characters (a newline would forge a line, ESC a
-    terminal sequence), spaces, quotes and backslashes become \\xNN, and anything outside ASCII a \\u escape."""
-    escaped = _UNSAFE_IN_LOG.sub(lambda match: f"\\x{ord(match.group()):02x}", value)
-    return escaped.encode("ascii", "backslashreplace").decode("ascii")
-
-
-def upstream_headers(request: web.Request) -> dict[str, str]:
-    headers = request.app[INFINITY].auth_headers(request.headers.get("Authorization"))
-    headers[REQUEST_ID] = request[REQUEST_ID_KEY]
-    return headers
-
-
-AnswerShape = Callable[[RerankRequest, list[float], int], Any]  # a JSON object, or TEI's bare list
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-async def rerank(request: web.Request, shape: AnswerShape, speaks_tei: bool = False) -> web.Response:
-    config = request.app[CONFIG]
-    body = decode_body(await read_body(request), config.max_documents)
-    if speaks_tei and body.get("texts") is not None:  # TEI's dialect shares /rerank and /v1/rerank
-        body, shape = rerank_body_from_tei(body, config), tei_answer
-    rerank_request = parse_rerank(body, config)
-    del body  # the fields the proxy ignores are not held while Infinity works
-    request[STATS].documents = len(rerank_request.documents)
-    scores: list[float] = []
-    tokens = 0
-    if rerank_request.documents:  # none: an empty answer, and nothing asked of Infinity
-        headers = upstream_headers(request)
-        try:
-            async with deadline_in(config.timeout):  # in the request's own task: wait_for would start one more
-                served, capabilities = await request.app[MODELS].resolve(rerank_request.model, headers)
-                if CROSS_ENCODER in capabilities:
-                    scores, tokens = await scores_of_cross_encoder(request, rerank_request, headers)
-                else:
-                    scores, tokens = await scores_of_prompts(request, rerank_request, served, headers)
-        except asyncio.TimeoutError:
-            raise RerankError(504, f"the rerank request did not finish within --timeout ({config.timeout:g} s); "
-                              "Infinity is slow or overloaded") from None
-    return web.Response(body=json_dumps(shape(rerank_request, scores, tokens)), content_type="application/json",
-                        charset="utf-8")
-
-
-async def scores_of_prompts(request: web.Request, rerank_request: RerankRequest, served: str,
-                            headers: dict[str, str]) -> tuple[list[float], int]:
-    """A causal-LM reranker: its template's prompts, scored by Infinity's /classify."""
-    app, config, stats = request.app, request.app[CONFIG], request[STATS]
-    template = template_for(app[TEMPLATE_SET], config.template, rerank_request.model)
-    stats.template = template.name
-    plan = plan_prompts(rerank_request, config, app[TOKENS], template)
-    # Before their bodies are built. Each prompt carries the query and the instruction (up to 2 * --max-query-chars).
-    app[ADMISSION].take(stats, (PROMPT_BYTES + len(escaped_utf8(plan.prompt_head))) * len(plan.unique_texts))
-    calls = classify_bodies(rerank_request.model, plan, config.batch_size, template.anchors[0])
-    stats.chunks = len(plan.unique_texts)
-    anchor = await app[CHECKS].anchor_for(served, template, headers)
-    if anchor != template.anchors[0]:  # a model that pads with another token
-        calls = classify_bodies(rerank_request.model, plan, config.batch_size, anchor)
-    stats.upstream_calls = len(calls)  # all start at once: a failed request's log line shows them too
-    label = config.positive_label or template.positive_label
-    prompt_scores, tokens = await Infinity.all_scores(
-        [app[INFINITY].classify(body, inputs, headers, label) for body, inputs in calls])
-    return document_scores(plan, prompt_scores, rerank_request.raw_scores), tokens
-
-
-async def scores_of_cross_encoder(request: web.Request, rerank_request: RerankRequest,
-                                  headers: dict[str, str]) -> tuple[list[float], int]:
-    """A model Infinity serves at its own /rerank: the query and documents go there as they are."""
-    stats = request[STATS]
-    stats.template = "cross-encoder"
-    calls = cross_encoder_bodies(rerank_request, request.app[CONFIG].batch_size)
-    request.app[ADMISSION].take(stats, sum(len(body) for body, _ in calls))
-    stats.chunks, stats.upstream_calls = len(rerank_request.texts), len(calls)
-    return await Infinity.all_scores([request.app[INFINITY].rerank(body, n, headers) for body, n in calls])
-
-
-async def rerank_infinity_shape(request: web.Request) -> web.Response:
-    """/rerank and /v1/rerank: Infinity's shape, or TEI's for a body with texts."""
-    return await rerank(request, infinity_answer, speaks_tei=True)
-
-
-async def rerank_cohere_v2_shape(request: web.Request) -> web.Response:
-    return await rerank(request, cohere_v2_answer)
-
-
-async def health(request: web.Request) -> web.Response:
-    """Liveness, and what the self-check found for each model used so far."""
-    upstream = await request.app[INFINITY].health(LIVENESS_PROBE_SECONDS)
-    return web.json_response({"status": "ok", "upstream": upstream, "models": request.app[CHECKS].reports()})
-
-
-async def ready(request: web.Request) -> web.Response:
-    started = time.monotonic()
-    upstream = await request.app[INFINITY].health(READINESS_PROBE_SECONDS)
-    if upstream != "ok":
-        raise RerankError(503, f"not ready: Infinity is not answering ({upstream})")
-    # The self-check of --model, once: within what is left of the probe's time, and never a reason for 503.
-    remaining = READINESS_PROBE_SECONDS - (time.monotonic() - started)
-    if remaining > 0:
-        app = request.app
-        await app[CHECKS].ready_check(app[MODELS], app[CONFIG], app[TEMPLATE_SET], remaining)
-    return web.json_response({"status": "ready"})
-
-
-async def prometheus_metrics(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[METRICS].exposition(), headers={"Content-Type": METRICS_CONTENT_TYPE})
-
-
-async def read_body(request: web.Request) -> bytes:
-    """The whole body. One still arriving must arrive within --client-timeout (else 408). One without
-    Content-Length was not counted at admission: it is counted as it arrives, and refused (429) when
-    it would take the bodies in hand past --max-pending-bytes."""
-    config = request.app[CONFIG]
-    counted_on_arrival = request.content_length is None and request.body_exists  # chunked
-    if not counted_on_arrival and request.content.is_eof():
-        return await request.read()  # all here already, the common case: no deadline to set
-    try:
-        async with deadline_in(config.client_timeout):
-            return await (read_counted(request, config.max_body_size) if counted_on_arrival else request.read())
-    except asyncio.TimeoutError:
-        raise RerankError(408, f"the request body did not arrive within --client-timeout "
-                          f"({config.client_timeout:g} s)") from None
-
-
-async def read_counted(request: web.Request, max_body_size: int) -> bytes:
-    admission, stats = request.app[ADMISSION], request[STATS]
-    pieces, size = [], 0
-    async for piece in request.content.iter_any():
-        size += len(piece)
-        if size > max_body_size:
-            raise web.HTTPRequestEntityTooLarge(max_size=max_body_size, actual_size=size)
-        admission.take(stats, len(piece))
-        pieces.append(piece)
-    return b"".join(pieces)
-
-
-async def info(request: web.Request) -> web.Response:
-    """TEI's info for --model: its template's labels and context, and its self-check as known now."""
-    app, config = request.app, request.app[CONFIG]
-    model, _ = app[MODELS].known(config.model)
-    template = template_for(app[TEMPLATE_SET], config.template, config.model)
-    return web.json_response(tei_info(config, template, app[CHECKS].done.get(model)))
-
-
-async def models(request: web.Request) -> web.Response:
-    """Infinity's model list, status and body verbatim, read whole (at most MODELS_ANSWER_BYTES)."""
-    body = await read_body(request)
-    infinity = request.app[INFINITY]
-    status, answer_headers, answer = await infinity.forward(
-        request.method, infinity.models_path, request.rel_url.raw_query_string, body, forwarded_headers(request))
-    request[STATS].upstream_calls = 1
-    if status in (401, 403) and infinity.uses_own_key():
-        raise infinity.failure(status, answer_headers, answer)  # the proxy's key: a 502, as for reranks
-    response = web.Response(status=status, body=answer)
-    copy_answer_headers(answer_headers, response)
-    return response
-
-
-async def forward_under_prefix(request: web.Request) -> web.StreamResponse:
-    if ".." in request.path.split("/"):  # decoded, so %2e%2e counts too
-        raise RerankError(404, f"no route {request.method} {request.path}")
-    return await forward_to_infinity(request, request.rel_url.raw_path)
-
-
-async def forward_to_infinity(request: web.Request, raw_path: str) -> web.StreamResponse:
-    """Infinity's own answer, status and body verbatim: one base URL serves embeddings too. The body is
-    streamed through a piece at a time, so an answer of any size (or one that never ends) costs a piece of
-    memory, and --timeout bounds it."""
-    body = await read_body(request)
-    refuse_blank_inputs(body)
-    infinity, config = request.app[INFINITY], request.app[CONFIG]
-    request[STATS].upstream_calls = 1
-    async with infinity.forwarded(request.method, raw_path, request.rel_url.raw_query_string, body,
-                                  forwarded_headers(request)) as answer:
-        if answer.status in (401, 403) and infinity.uses_own_key():  # the proxy's key: a 502, as for reranks
-            raise infinity.failure(answer.status, answer.headers, await bounded_answer(answer, ANSWER_BYTES, raw_path))
-        response = web.StreamResponse(status=answer.status)
-        copy_answer_headers(answer.headers, response, "Content-Encoding")  # never decoded here: passed on as is
-        response.headers[REQUEST_ID] = request[REQUEST_ID_KEY]
-        response.content_length = answer.content_length
-        await response.prepare(request)
-        try:
-            async with deadline_in(config.timeout):
-                async for piece in answer.content.iter_chunked(FORWARD_CHUNK_BYTES):
-                    await response.write(piece)
-        except (client_exceptions.ClientError, asyncio.TimeoutError):
-            # Begun, the answer cannot become an error any more: the client sees it cut short, as it was.
-            if request.transport is not None:
-                request.transport.abort()
-            return response
-        await response.write_eof()
-    return response
-
-
-def forwarded_headers(request: web.Request) -> dict[str, str]:
-    headers = upstream_headers(request)
-    for name in ("Content-Type", "Accept"):
-        if name in request.headers:
-            headers[name] = request.headers[name]
-    return headers
-
-
-def copy_answer_headers(answer_headers: Any, response: web.StreamResponse, *more: str) -> None:
-    for name in ("Content-Type", RETRY_AFTER, "Location", *more):
-        if name in answer_headers:
-            response.headers[name] = answer_headers[name]
-
-
-def refuse_blank_inputs(body: bytes) -> None:
-    """An input that is empty after stripping can stall Infinity's batch worker for good (while its
-    /health still answers): forwarded calls (/embeddings, /classify) must not carry one either."""
-    if b'"input"' not in body:
-        return
-    try:
-        parsed = json_loads(body, strict=False)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return  # not JSON: Infinity answers that itself
-    inputs = parsed.get("input") if isinstance(parsed, dict) else None
-    for i, text in enumerate([inputs] if isinstance(inputs, str) else inputs if isinstance(inputs, list) else []):
-        if isinstance(text, str) and not text.strip():
-            param = "input" if isinstance(inputs, str) else f"input[{i}]"
-            raise bad_request(f"{param} is empty or only whitespace; Infinity cannot take an empty input", param)
-
-
-# --------------------------------------------------------------------------------------------
-# 6. Load and metrics, the middleware, the app factory and main().
-# --------------------------------------------------------------------------------------------
-
-OPEN_PATHS = {"/health", "/ready"}  # probes answer without a key
-NEVER_REFUSED = {*OPEN_PATHS, "/metrics"}  # cheap, and most needed when the proxy is overloaded
-UNMATCHED = "unmatched"  # the route label of a path no route serves: unknown paths add no series
 RETRY_OVERLOADED_SECONDS = "1"
+
+
+def overloaded(why: str) -> RerankError:
+    return RerankError(429, f"the proxy is overloaded: {why}; retry shortly or use another replica",
+                       headers={RETRY_AFTER: RETRY_OVERLOADED_SECONDS}, kind="overloaded_error")
 
 
 class Admission:
@@ -1952,25 +1738,14 @@ class Admission:
 ADMISSION = web.AppKey("admission", Admission)
 
 
-async def continue_if_admitted(request: web.Request) -> None:
-    """curl sends "Expect: 100-continue" with a large body and waits for "100 Continue" before sending it. It
-    gets one only when admission would take the request now; otherwise the middleware's 429 (or 413) is the
-    answer it waits for, and the body is never sent."""
-    if (request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue"
-            and request.app[ADMISSION].would_admit(request.content_length)):
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # as aiohttp's own expect handler: the answer has not started
-
-
-def overloaded(why: str) -> RerankError:
-    return RerankError(429, f"the proxy is overloaded: {why}; retry shortly or use another replica",
-                       headers={RETRY_AFTER: RETRY_OVERLOADED_SECONDS}, kind="overloaded_error")
-
-
 # Why a request was refused or cut off, by its error type: rerank_proxy_rejected_total{reason}.
 REJECTED_AS = {"overloaded_error": "overloaded", "request_timeout_error": "client_timeout",
                "request_too_large": "too_large"}
+
+
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
 METRICS_CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
 
 
@@ -2039,6 +1814,266 @@ class Metrics:
 METRICS = web.AppKey("metrics", Metrics)
 
 
+# --------------------------------------------------------------------------------------------
+# 7. Handlers: thin. Read, translate, call, answer.
+# --------------------------------------------------------------------------------------------
+
+CONFIG = web.AppKey("config", Config)
+INFINITY = web.AppKey("infinity", Infinity)
+CHECKS = web.AppKey("checks", AnchorChecks)
+TOKENS = web.AppKey("tokens", TokenCounter)
+MODELS = web.AppKey("models", ServedModels)
+TEMPLATE_SET = web.AppKey("templates", dict)
+REQUEST_ID = "X-Request-ID"
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
+
+
+_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a short printable token, safe in a log line as it is
+_UNSAFE_IN_LOG = re.compile(r'[\x00-\x20\x7f"\\]')
+
+
+def escaped_for_log(value: str) -> str:
+    """A value taken from a request, made one log token: control characters (a newline would forge a line, ESC a
+    terminal sequence), spaces, quotes and backslashes become \\xNN, and anything outside ASCII a \\u escape."""
+    escaped = _UNSAFE_IN_LOG.sub(lambda match: f"\\x{ord(match.group()):02x}", value)
+    return escaped.encode("ascii", "backslashreplace").decode("ascii")
+
+
+def upstream_headers(request: web.Request) -> dict[str, str]:
+    headers = request.app[INFINITY].auth_headers(request.headers.get("Authorization"))
+    headers[REQUEST_ID] = request[REQUEST_ID_KEY]
+    return headers
+
+
+AnswerShape = Callable[[RerankRequest, list[float], int], Any]  # a JSON object, or TEI's bare list
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def read_counted(request: web.Request, max_body_size: int) -> bytes:
+    admission, stats = request.app[ADMISSION], request[STATS]
+    pieces, size = [], 0
+    async for piece in request.content.iter_any():
+        size += len(piece)
+        if size > max_body_size:
+            raise web.HTTPRequestEntityTooLarge(max_size=max_body_size, actual_size=size)
+        admission.take(stats, len(piece))
+        pieces.append(piece)
+    return b"".join(pieces)
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole body. One still arriving must arrive within --client-timeout (else 408). One without
+    Content-Length was not counted at admission: it is counted as it arrives, and refused (429) when
+    it would take the bodies in hand past --max-pending-bytes."""
+    config = request.app[CONFIG]
+    counted_on_arrival = request.content_length is None and request.body_exists  # chunked
+    if not counted_on_arrival and request.content.is_eof():
+        return await request.read()  # all here already, the common case: no deadline to set
+    try:
+        async with deadline_in(config.client_timeout):
+            return await (read_counted(request, config.max_body_size) if counted_on_arrival else request.read())
+    except asyncio.TimeoutError:
+        raise RerankError(408, f"the request body did not arrive within --client-timeout "
+                          f"({config.client_timeout:g} s)") from None
+
+
+async def scores_of_prompts(request: web.Request, rerank_request: RerankRequest, served: str,
+                            headers: dict[str, str]) -> tuple[list[float], int]:
+    """A causal-LM reranker: its template's prompts, scored by Infinity's /classify."""
+    app, config, stats = request.app, request.app[CONFIG], request[STATS]
+    template = template_for(app[TEMPLATE_SET], config.template, rerank_request.model)
+    stats.template = template.name
+    plan = plan_prompts(rerank_request, config, app[TOKENS], template)
+    # Before their bodies are built. Each prompt carries the query and the instruction (up to 2 * --max-query-chars).
+    app[ADMISSION].take(stats, (PROMPT_BYTES + len(escaped_utf8(plan.prompt_head))) * len(plan.unique_texts))
+    calls = classify_bodies(rerank_request.model, plan, config.batch_size, template.anchors[0])
+    stats.chunks = len(plan.unique_texts)
+    anchor = await app[CHECKS].anchor_for(served, template, headers)
+    if anchor != template.anchors[0]:  # a model that pads with another token
+        calls = classify_bodies(rerank_request.model, plan, config.batch_size, anchor)
+    stats.upstream_calls = len(calls)  # all start at once: a failed request's log line shows them too
+    label = config.positive_label or template.positive_label
+    prompt_scores, tokens = await Infinity.all_scores(
+        [app[INFINITY].classify(body, inputs, headers, label) for body, inputs in calls])
+    return document_scores(plan, prompt_scores, rerank_request.raw_scores), tokens
+
+
+async def scores_of_cross_encoder(request: web.Request, rerank_request: RerankRequest,
+                                  headers: dict[str, str]) -> tuple[list[float], int]:
+    """A model Infinity serves at its own /rerank: the query and documents go there as they are."""
+    stats = request[STATS]
+    stats.template = "cross-encoder"
+    calls = cross_encoder_bodies(rerank_request, request.app[CONFIG].batch_size)
+    request.app[ADMISSION].take(stats, sum(len(body) for body, _ in calls))
+    stats.chunks, stats.upstream_calls = len(rerank_request.texts), len(calls)
+    return await Infinity.all_scores([request.app[INFINITY].rerank(body, n, headers) for body, n in calls])
+
+
+async def rerank(request: web.Request, shape: AnswerShape, speaks_tei: bool = False) -> web.Response:
+    config = request.app[CONFIG]
+    body = decode_body(await read_body(request), config.max_documents)
+    if speaks_tei and body.get("texts") is not None:  # TEI's dialect shares /rerank and /v1/rerank
+        body, shape = rerank_body_from_tei(body, config), tei_answer
+    rerank_request = parse_rerank(body, config)
+    del body  # the fields the proxy ignores are not held while Infinity works
+    request[STATS].documents = len(rerank_request.documents)
+    scores: list[float] = []
+    tokens = 0
+    if rerank_request.documents:  # none: an empty answer, and nothing asked of Infinity
+        headers = upstream_headers(request)
+        try:
+            async with deadline_in(config.timeout):  # in the request's own task: wait_for would start one more
+                served, capabilities = await request.app[MODELS].resolve(rerank_request.model, headers)
+                if CROSS_ENCODER in capabilities:
+                    scores, tokens = await scores_of_cross_encoder(request, rerank_request, headers)
+                else:
+                    scores, tokens = await scores_of_prompts(request, rerank_request, served, headers)
+        except asyncio.TimeoutError:
+            raise RerankError(504, f"the rerank request did not finish within --timeout ({config.timeout:g} s); "
+                              "Infinity is slow or overloaded") from None
+    return web.Response(body=json_dumps(shape(rerank_request, scores, tokens)), content_type="application/json",
+                        charset="utf-8")
+
+
+async def rerank_infinity_shape(request: web.Request) -> web.Response:
+    """/rerank and /v1/rerank: Infinity's shape, or TEI's for a body with texts."""
+    return await rerank(request, infinity_answer, speaks_tei=True)
+
+
+async def rerank_cohere_v2_shape(request: web.Request) -> web.Response:
+    return await rerank(request, cohere_v2_answer)
+
+
+async def health(request: web.Request) -> web.Response:
+    """Liveness, and what the self-check found for each model used so far."""
+    upstream = await request.app[INFINITY].health(LIVENESS_PROBE_SECONDS)
+    return web.json_response({"status": "ok", "upstream": upstream, "models": request.app[CHECKS].reports()})
+
+
+async def ready(request: web.Request) -> web.Response:
+    started = time.monotonic()
+    upstream = await request.app[INFINITY].health(READINESS_PROBE_SECONDS)
+    if upstream != "ok":
+        raise RerankError(503, f"not ready: Infinity is not answering ({upstream})")
+    # The self-check of --model, once: within what is left of the probe's time, and never a reason for 503.
+    remaining = READINESS_PROBE_SECONDS - (time.monotonic() - started)
+    if remaining > 0:
+        app = request.app
+        await app[CHECKS].ready_check(app[MODELS], app[CONFIG], app[TEMPLATE_SET], remaining)
+    return web.json_response({"status": "ready"})
+
+
+async def prometheus_metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].exposition(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+async def info(request: web.Request) -> web.Response:
+    """TEI's info for --model: its template's labels and context, and its self-check as known now."""
+    app, config = request.app, request.app[CONFIG]
+    model, _ = app[MODELS].known(config.model)
+    template = template_for(app[TEMPLATE_SET], config.template, config.model)
+    return web.json_response(tei_info(config, template, app[CHECKS].done.get(model)))
+
+
+def copy_answer_headers(answer_headers: Any, response: web.StreamResponse, *more: str) -> None:
+    for name in ("Content-Type", RETRY_AFTER, "Location", *more):
+        if name in answer_headers:
+            response.headers[name] = answer_headers[name]
+
+
+def forwarded_headers(request: web.Request) -> dict[str, str]:
+    headers = upstream_headers(request)
+    for name in ("Content-Type", "Accept"):
+        if name in request.headers:
+            headers[name] = request.headers[name]
+    return headers
+
+
+def refuse_blank_inputs(body: bytes) -> None:
+    """An input that is empty after stripping can stall Infinity's batch worker for good (while its
+    /health still answers): forwarded calls (/embeddings, /classify) must not carry one either."""
+    if b'"input"' not in body:
+        return
+    try:
+        parsed = json_loads(body, strict=False)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return  # not JSON: Infinity answers that itself
+    inputs = parsed.get("input") if isinstance(parsed, dict) else None
+    for i, text in enumerate([inputs] if isinstance(inputs, str) else inputs if isinstance(inputs, list) else []):
+        if isinstance(text, str) and not text.strip():
+            param = "input" if isinstance(inputs, str) else f"input[{i}]"
+            raise bad_request(f"{param} is empty or only whitespace; Infinity cannot take an empty input", param)
+
+
+async def forward_to_infinity(request: web.Request, raw_path: str) -> web.StreamResponse:
+    """Infinity's own answer, status and body verbatim: one base URL serves embeddings too. The body is
+    streamed through a piece at a time, so an answer of any size (or one that never ends) costs a piece of
+    memory, and --timeout bounds it."""
+    body = await read_body(request)
+    refuse_blank_inputs(body)
+    infinity, config = request.app[INFINITY], request.app[CONFIG]
+    request[STATS].upstream_calls = 1
+    async with infinity.forwarded(request.method, raw_path, request.rel_url.raw_query_string, body,
+                                  forwarded_headers(request)) as answer:
+        if answer.status in (401, 403) and infinity.uses_own_key():  # the proxy's key: a 502, as for reranks
+            raise infinity.failure(answer.status, answer.headers, await bounded_answer(answer, ANSWER_BYTES, raw_path))
+        response = web.StreamResponse(status=answer.status)
+        copy_answer_headers(answer.headers, response, "Content-Encoding")  # never decoded here: passed on as is
+        response.headers[REQUEST_ID] = request[REQUEST_ID_KEY]
+        response.content_length = answer.content_length
+        await response.prepare(request)
+        try:
+            async with deadline_in(config.timeout):
+                async for piece in answer.content.iter_chunked(FORWARD_CHUNK_BYTES):
+                    await response.write(piece)
+        except (client_exceptions.ClientError, asyncio.TimeoutError):
+            # Begun, the answer cannot become an error any more: the client sees it cut short, as it was.
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        await response.write_eof()
+    return response
+
+
+async def models(request: web.Request) -> web.Response:
+    """Infinity's model list, status and body verbatim, read whole (at most MODELS_ANSWER_BYTES)."""
+    body = await read_body(request)
+    infinity = request.app[INFINITY]
+    status, answer_headers, answer = await infinity.forward(
+        request.method, infinity.models_path, request.rel_url.raw_query_string, body, forwarded_headers(request))
+    request[STATS].upstream_calls = 1
+    if status in (401, 403) and infinity.uses_own_key():
+        raise infinity.failure(status, answer_headers, answer)  # the proxy's key: a 502, as for reranks
+    response = web.Response(status=status, body=answer)
+    copy_answer_headers(answer_headers, response)
+    return response
+
+
+async def forward_under_prefix(request: web.Request) -> web.StreamResponse:
+    if ".." in request.path.split("/"):  # decoded, so %2e%2e counts too
+        raise RerankError(404, f"no route {request.method} {request.path}")
+    return await forward_to_infinity(request, request.rel_url.raw_path)
+
+
+# --------------------------------------------------------------------------------------------
+# 8. The middleware, the app factory and main().
+# --------------------------------------------------------------------------------------------
+
+OPEN_PATHS = {"/health", "/ready"}  # probes answer without a key
+NEVER_REFUSED = {*OPEN_PATHS, "/metrics"}  # cheap, and most needed when the proxy is overloaded
+UNMATCHED = "unmatched"  # the route label of a path no route serves: unknown paths add no series
+
+
+async def continue_if_admitted(request: web.Request) -> None:
+    """curl sends "Expect: 100-continue" with a large body and waits for "100 Continue" before sending it. It
+    gets one only when admission would take the request now; otherwise the middleware's 429 (or 413) is the
+    answer it waits for, and the body is never sent."""
+    if (request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue"
+            and request.app[ADMISSION].would_admit(request.content_length)):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # as aiohttp's own expect handler: the answer has not started
+
+
 def bearer_matches(header: str | None, key: str) -> bool:
     if not header:
         return False
@@ -2049,28 +2084,70 @@ def bearer_matches(header: str | None, key: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(sent, key.encode("utf-8", "surrogateescape"))
 
 
-@web.middleware
-async def errors_and_log(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every request: its id, its key, its admission, one log line and its metrics; every error as the
-    contract's JSON."""
-    resource = request.match_info.route.resource  # None when no route matched: aiohttp's 404/405
-    stats = request[STATS] = RequestStats(UNMATCHED if resource is None else resource.canonical)
-    incoming = request.headers.get(REQUEST_ID, "")
-    request[REQUEST_ID_KEY] = incoming if _REQUEST_ID_OK.fullmatch(incoming) else uuid.uuid4().hex
-    status = 499  # nginx's "client closed request", unless an answer is made
+def method_and_path(request: web.Request) -> tuple[str, str]:
+    """For the log line: both come from the request, so both are escaped (one request, one line)."""
+    return escaped_for_log(request.method), escaped_for_log(request.path)
+
+
+def drop_slow_reader(request: web.Request) -> None:
+    if request.transport is not None:
+        metrics = request.app[METRICS]
+        metrics.labelled(metrics.rejected, "client_timeout").inc()
+        request.transport.abort()  # not close(): that would keep the unsent answer until it drains
+
+
+async def deliver(request: web.Request, response: web.StreamResponse, within: float) -> None:
+    """Write the answer now. An answer the client does not read (a 32 MiB return_documents echo) stays in
+    memory until it is sent: it must count against the bounds, and a client that does not read it within
+    --client-timeout is dropped."""
+    dropping = asyncio.get_running_loop().call_later(within, drop_slow_reader, request)
     try:
-        response = await answer_or_error(request, handler, stats)
-        response.headers[REQUEST_ID] = request[REQUEST_ID_KEY]
-        status = response.status
-        await write_while_held(request, response, stats)
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:
+        pass  # the client went away, or was dropped
     finally:
-        if stats.admitted:
-            request.app[ADMISSION].release(stats)
-        request.app[METRICS].answered(stats, status)
-    log.info("request_id=%s %s %s status=%d documents=%d chunks=%d upstream_calls=%d template=%s ms=%.1f",
-             request[REQUEST_ID_KEY], *method_and_path(request), status, stats.documents, stats.chunks,
-             stats.upstream_calls, stats.template or "-", stats.milliseconds())
-    return response
+        dropping.cancel()
+
+
+async def write_while_held(request: web.Request, response: web.StreamResponse, stats: RequestStats) -> None:
+    """An admitted request's answer is written here, while it still counts against the bounds. Refusing is free:
+    an answer given before the whole body came (401, 404, 405, 413, 415, 429, 408) leaves the rest unread, and the
+    connection is closed once the answer is out; aiohttp would otherwise read and discard the rest (for up to
+    10 s) before the connection could carry another request."""
+    body_left = request.body_exists and not request.content.is_eof()
+    if body_left:
+        response.force_close()  # "Connection: close"
+    if stats.admitted or body_left:
+        await deliver(request, response, request.app[CONFIG].client_timeout)
+        if body_left and request.transport is not None:
+            request.transport.close()
+
+
+def aiohttp_message(request: web.Request, exc: web.HTTPException) -> str:
+    if exc.status == 404:
+        return f"no route {request.method} {request.path}; rerank routes are POST /rerank, /v1/rerank, /v2/rerank"
+    if exc.status == 405:
+        return f"{request.method} is not allowed on {request.path}; use {exc.headers.get('Allow', 'POST')}"
+    if exc.status == 413:
+        return (f"the request body is larger than --max-body-size ({request.app[CONFIG].max_body_size} bytes); "
+                "send fewer or shorter documents")
+    return exc.reason or f"HTTP {exc.status}"
+
+
+def error_response(exc: RerankError) -> web.Response:
+    return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
+
+
+def refuse_encoded_body(request: web.Request) -> None:
+    """A compressed body is refused from its headers, before any of it is read or decoded. Infinity decodes
+    none either, and no rerank client compresses its bodies; so every bound (--max-body-size,
+    --max-pending-bytes) counts the bytes the proxy really holds, and a gzip bomb costs nothing."""
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if request.body_exists and encoding not in IDENTITY:
+        shown = escaped_for_log(request.headers["Content-Encoding"][:40])
+        raise RerankError(415, f"Content-Encoding {shown!r} is not accepted: send the request body uncompressed "
+                          "(no Content-Encoding header, or 'identity')")
 
 
 async def answer_or_error(request: web.Request, handler: Handler, stats: RequestStats) -> web.StreamResponse:
@@ -2100,70 +2177,28 @@ async def answer_or_error(request: web.Request, handler: Handler, stats: Request
         return error_response(RerankError(500, f"internal error; quote request id {request[REQUEST_ID_KEY]}"))
 
 
-async def write_while_held(request: web.Request, response: web.StreamResponse, stats: RequestStats) -> None:
-    """An admitted request's answer is written here, while it still counts against the bounds. Refusing is free:
-    an answer given before the whole body came (401, 404, 405, 413, 415, 429, 408) leaves the rest unread, and the
-    connection is closed once the answer is out; aiohttp would otherwise read and discard the rest (for up to
-    10 s) before the connection could carry another request."""
-    body_left = request.body_exists and not request.content.is_eof()
-    if body_left:
-        response.force_close()  # "Connection: close"
-    if stats.admitted or body_left:
-        await deliver(request, response, request.app[CONFIG].client_timeout)
-        if body_left and request.transport is not None:
-            request.transport.close()
-
-
-def refuse_encoded_body(request: web.Request) -> None:
-    """A compressed body is refused from its headers, before any of it is read or decoded. Infinity decodes
-    none either, and no rerank client compresses its bodies; so every bound (--max-body-size,
-    --max-pending-bytes) counts the bytes the proxy really holds, and a gzip bomb costs nothing."""
-    encoding = request.headers.get("Content-Encoding", "").strip().lower()
-    if request.body_exists and encoding not in IDENTITY:
-        shown = escaped_for_log(request.headers["Content-Encoding"][:40])
-        raise RerankError(415, f"Content-Encoding {shown!r} is not accepted: send the request body uncompressed "
-                          "(no Content-Encoding header, or 'identity')")
-
-
-def method_and_path(request: web.Request) -> tuple[str, str]:
-    """For the log line: both come from the request, so both are escaped (one request, one line)."""
-    return escaped_for_log(request.method), escaped_for_log(request.path)
-
-
-async def deliver(request: web.Request, response: web.StreamResponse, within: float) -> None:
-    """Write the answer now. An answer the client does not read (a 32 MiB return_documents echo) stays in
-    memory until it is sent: it must count against the bounds, and a client that does not read it within
-    --client-timeout is dropped."""
-    dropping = asyncio.get_running_loop().call_later(within, drop_slow_reader, request)
+@web.middleware
+async def errors_and_log(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every request: its id, its key, its admission, one log line and its metrics; every error as the
+    contract's JSON."""
+    resource = request.match_info.route.resource  # None when no route matched: aiohttp's 404/405
+    stats = request[STATS] = RequestStats(UNMATCHED if resource is None else resource.canonical)
+    incoming = request.headers.get(REQUEST_ID, "")
+    request[REQUEST_ID_KEY] = incoming if _REQUEST_ID_OK.fullmatch(incoming) else uuid.uuid4().hex
+    status = 499  # nginx's "client closed request", unless an answer is made
     try:
-        await response.prepare(request)
-        await response.write_eof()
-    except ConnectionError:
-        pass  # the client went away, or was dropped
+        response = await answer_or_error(request, handler, stats)
+        response.headers[REQUEST_ID] = request[REQUEST_ID_KEY]
+        status = response.status
+        await write_while_held(request, response, stats)
     finally:
-        dropping.cancel()
-
-
-def drop_slow_reader(request: web.Request) -> None:
-    if request.transport is not None:
-        metrics = request.app[METRICS]
-        metrics.labelled(metrics.rejected, "client_timeout").inc()
-        request.transport.abort()  # not close(): that would keep the unsent answer until it drains
-
-
-def aiohttp_message(request: web.Request, exc: web.HTTPException) -> str:
-    if exc.status == 404:
-        return f"no route {request.method} {request.path}; rerank routes are POST /rerank, /v1/rerank, /v2/rerank"
-    if exc.status == 405:
-        return f"{request.method} is not allowed on {request.path}; use {exc.headers.get('Allow', 'POST')}"
-    if exc.status == 413:
-        return (f"the request body is larger than --max-body-size ({request.app[CONFIG].max_body_size} bytes); "
-                "send fewer or shorter documents")
-    return exc.reason or f"HTTP {exc.status}"
-
-
-def error_response(exc: RerankError) -> web.Response:
-    return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
+        if stats.admitted:
+            request.app[ADMISSION].release(stats)
+        request.app[METRICS].answered(stats, status)
+    log.info("request_id=%s %s %s status=%d documents=%d chunks=%d upstream_calls=%d template=%s ms=%.1f",
+             request[REQUEST_ID_KEY], *method_and_path(request), status, stats.documents, stats.chunks,
+             stats.upstream_calls, stats.template or "-", stats.milliseconds())
+    return response
 
 
 def only(methods: tuple[str, ...], handler: Handler) -> Handler:
