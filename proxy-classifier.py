@@ -605,6 +605,13 @@ def unpaired_surrogate(param: str) -> RerankError:
     return bad_request(f"{param} contains an unpaired UTF-16 surrogate (such as \\ud800), which is not text", param)
 
 
+def checked_text(text: str, param: str) -> str:
+    """The text as given, or a 400 naming `param` when UTF-8 (and so Infinity) cannot carry it."""
+    if not (text.isascii() or is_utf8(text)):
+        raise unpaired_surrogate(param)
+    return text
+
+
 def refuse_non_finite(constant: str) -> float:
     raise ValueError(f"{constant} is not a JSON number")
 
@@ -855,54 +862,55 @@ def checked_rank_fields(rank_fields: list[Any] | None) -> list[str] | None:
 
 def parse_rerank(body: dict[str, Any], config: Config) -> RerankRequest:
     """Check every field of a rerank body (a 400 naming the first wrong one) and normalise it."""
-    if "query" not in body or body["query"] is None:
-        raise bad_request("'query' is required", "query")
-    query = optional_field(body, "query", "string")
+    query = text_field(body, "query", config.max_query_chars, required=True, cut=True)
     if not query.strip():
         raise bad_request("'query' must not be empty or only whitespace", "query")
-    if "documents" not in body or body["documents"] is None:
+    if body.get("documents") is None:
         raise bad_request("'documents' is required: a list of strings or objects", "documents")
     documents = optional_field(body, "documents", "list")
     if len(documents) > config.max_documents:
-        raise bad_request(
-            f"too many documents: {len(documents)}, at most {config.max_documents} in one request; "
-            "split them into several requests", "documents")
+        raise bad_request(f"too many documents: {len(documents)}, at most {config.max_documents} in one request; "
+                          "split them into several requests", "documents")
     rank_fields = checked_rank_fields(optional_field(body, "rank_fields", "list"))
     top_n = optional_field(body, "top_n", "integer")
     return_documents = optional_field(body, "return_documents", "boolean")
-    model = optional_field(body, "model", "string")
-    if model is not None and len(model) > MAX_NAME_CHARS:  # it goes into every /classify body and the answer
-        raise bad_request(f"'model' is {len(model)} characters, at most {MAX_NAME_CHARS}", "model")
-    instruction = optional_field(body, "instruction", "string")
-    if instruction is not None and len(instruction) > config.max_query_chars:
-        raise bad_request(
-            f"'instruction' is {len(instruction)} characters, at most {config.max_query_chars}", "instruction")
+    model = text_field(body, "model", MAX_NAME_CHARS)  # it goes into every /classify body and the answer
+    instruction = text_field(body, "instruction", config.max_query_chars)
     raw_scores = optional_field(body, "raw_scores", "boolean")
-    max_chunks = optional_field(body, "max_chunks_per_doc", "integer")
-    if max_chunks is not None and max_chunks < 1:
-        raise bad_request("'max_chunks_per_doc' must be at least 1", "max_chunks_per_doc")
-    max_tokens = optional_field(body, "max_tokens_per_doc", "integer")
-    if max_tokens is not None and max_tokens < 1:
-        raise bad_request("'max_tokens_per_doc' must be at least 1", "max_tokens_per_doc")
-    for name, value in (("query", query), ("model", model), ("instruction", instruction)):
-        if value is not None and not (value.isascii() or is_utf8(value)):
-            raise unpaired_surrogate(name)
+    max_chunks, max_tokens = at_least_one(body, "max_chunks_per_doc"), at_least_one(body, "max_tokens_per_doc")
     if set(map(type, documents)) <= {str}:  # the common case, checked in one pass
         texts = documents
     else:
         texts = [text_of(document, i, rank_fields) for i, document in enumerate(documents)]
     return RerankRequest(
-        query=query[: config.max_query_chars],
-        documents=documents,
-        texts=texts,
+        query=query, documents=documents, texts=texts,
         top_n=top_n if top_n is not None and 0 < top_n < len(documents) else None,
-        return_documents=bool(return_documents),
-        model=model if model is not None else config.model,
+        return_documents=bool(return_documents), model=model if model is not None else config.model,
         instruction=instruction if instruction is not None else config.instruction,  # None: the template's
-        raw_scores=bool(raw_scores),
-        max_chunks_per_doc=max_chunks or config.max_chunks_per_doc,
-        max_tokens_per_doc=max_tokens,
-    )
+        raw_scores=bool(raw_scores), max_chunks_per_doc=max_chunks or config.max_chunks_per_doc,
+        max_tokens_per_doc=max_tokens)
+
+
+def text_field(body: dict[str, Any], name: str, most: int, required: bool = False, cut: bool = False) -> Any:
+    """A string field: None when absent (a 400 when required), at most `most` characters (longer: cut, or a
+    400), and text UTF-8 can carry."""
+    value = optional_field(body, name, "string")
+    if value is None:
+        if required:
+            raise bad_request(f"'{name}' is required", name)
+        return None
+    if len(value) > most:
+        if not cut:
+            raise bad_request(f"'{name}' is {len(value)} characters, at most {most}", name)
+        value = value[:most]
+    return checked_text(value, name)
+
+
+def at_least_one(body: dict[str, Any], name: str) -> int | None:
+    value = optional_field(body, name, "integer")
+    if value is not None and value < 1:
+        raise bad_request(f"'{name}' must be at least 1", name)
+    return value
 
 
 TRUNCATION_DIRECTIONS = ("left", "right")  # TEI's; Haystack sends "Left"/"Right"
@@ -922,8 +930,7 @@ def rerank_body_from_tei(body: dict[str, Any], config: Config) -> dict[str, Any]
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise bad_request(f"texts[{i}] must be a string, got {json_type(text)}", f"texts[{i}]")
-        if not (text.isascii() or is_utf8(text)):
-            raise unpaired_surrogate(f"texts[{i}]")
+        checked_text(text, f"texts[{i}]")
     return_text = optional_field(body, "return_text", "boolean")
     optional_field(body, "truncate", "boolean")
     direction = optional_field(body, "truncation_direction", "string")
