@@ -860,6 +860,28 @@ def checked_rank_fields(rank_fields: list[Any] | None) -> list[str] | None:
     return list(dict.fromkeys(rank_fields))
 
 
+def text_field(body: dict[str, Any], name: str, most: int, required: bool = False, cut: bool = False) -> Any:
+    """A string field: None when absent (a 400 when required), at most `most` characters (longer: cut, or a
+    400), and text UTF-8 can carry."""
+    value = optional_field(body, name, "string")
+    if value is None:
+        if required:
+            raise bad_request(f"'{name}' is required", name)
+        return None
+    if len(value) > most:
+        if not cut:
+            raise bad_request(f"'{name}' is {len(value)} characters, at most {most}", name)
+        value = value[:most]
+    return checked_text(value, name)
+
+
+def at_least_one(body: dict[str, Any], name: str) -> int | None:
+    value = optional_field(body, name, "integer")
+    if value is not None and value < 1:
+        raise bad_request(f"'{name}' must be at least 1", name)
+    return value
+
+
 def parse_rerank(body: dict[str, Any], config: Config) -> RerankRequest:
     """Check every field of a rerank body (a 400 naming the first wrong one) and normalise it."""
     query = text_field(body, "query", config.max_query_chars, required=True, cut=True)
@@ -889,28 +911,6 @@ def parse_rerank(body: dict[str, Any], config: Config) -> RerankRequest:
         instruction=instruction if instruction is not None else config.instruction,  # None: the template's
         raw_scores=bool(raw_scores), max_chunks_per_doc=max_chunks or config.max_chunks_per_doc,
         max_tokens_per_doc=max_tokens)
-
-
-def text_field(body: dict[str, Any], name: str, most: int, required: bool = False, cut: bool = False) -> Any:
-    """A string field: None when absent (a 400 when required), at most `most` characters (longer: cut, or a
-    400), and text UTF-8 can carry."""
-    value = optional_field(body, name, "string")
-    if value is None:
-        if required:
-            raise bad_request(f"'{name}' is required", name)
-        return None
-    if len(value) > most:
-        if not cut:
-            raise bad_request(f"'{name}' is {len(value)} characters, at most {most}", name)
-        value = value[:most]
-    return checked_text(value, name)
-
-
-def at_least_one(body: dict[str, Any], name: str) -> int | None:
-    value = optional_field(body, name, "integer")
-    if value is not None and value < 1:
-        raise bad_request(f"'{name}' must be at least 1", name)
-    return value
 
 
 TRUNCATION_DIRECTIONS = ("left", "right")  # TEI's; Haystack sends "Left"/"Right"
@@ -1280,6 +1280,24 @@ def not_json(answer: bytes) -> RerankError:
     return RerankError(502, f"Infinity's /classify answer is not JSON: {answer[:200]!r}")
 
 
+def answer_scores(raw: bytes, read: Callable[[Any], tuple[list[float], int]]) -> tuple[list[float], int]:
+    """An answer's scores as `read` finds them. A wrong answer is explained with its values as the standard
+    library reads them (orjson reads an integer beyond 64 bits as a float, and nesting the stdlib cannot
+    read), so that the 502 is the same with or without orjson."""
+    try:
+        answer = json_loads(raw, strict=False)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise not_json(raw) from None
+    try:
+        return read(answer)
+    except RerankError:
+        try:
+            standard_reading = json.loads(raw)
+        except RecursionError:
+            raise not_json(raw) from None
+        return read(standard_reading)
+
+
 def reuse_tracing() -> TraceConfig:
     """Marks a request (its trace_request_ctx dict) whose connection came from the keep-alive pool:
     only such a connection can be one that Infinity closed while it sat idle."""
@@ -1377,46 +1395,36 @@ class Infinity:
 
     async def scored(self, url: str, body: bytes, expected: int, headers: dict[str, str], pooled: bool,
                      read: Callable[[Any], tuple[list[float], int]]) -> tuple[list[float], int]:
-        """A call for `expected` scores, within the bound on calls in flight, its answer read by `read`."""
+        """A call for `expected` scores, within the bound on calls in flight, its answer read by `read`; its
+        outcome counted in rerank_proxy_upstream_calls_total."""
         outcome = "cancelled"  # unless the call ends otherwise: its request gave up (client gone, --timeout)
         try:
-            async with self.slots:
-                self.in_flight += 1
-                started = time.perf_counter()
-                try:
-                    most = ANSWER_BYTES + CLASSIFY_ANSWER_BYTES_PER_INPUT * expected
-                    status, answer_headers, raw = await self._post(
-                        url, body, headers, most, self.session if pooled else self.fresh_session)
-                except RerankError as exc:
-                    outcome = "timeout" if exc.status == 504 else "bad_answer" if isinstance(
-                        exc, BadAnswer) else "unreachable"
-                    raise
-                finally:
-                    self.in_flight -= 1
-                    self.metrics.upstream_seconds.observe(time.perf_counter() - started)
+            status, answer_headers, raw = await self.timed_post(url, body, headers, expected, pooled)
             if status != 200:
                 outcome = "http_429" if status == 429 else f"http_{status // 100}xx"
                 raise self.failure(status, answer_headers, raw, url)
             outcome = "bad_answer"
-            try:
-                answer = json_loads(raw, strict=False)
-            except (ValueError, UnicodeDecodeError, RecursionError):
-                raise not_json(raw) from None
-            try:
-                scores = read(answer)
-            except RerankError:
-                # Explained with the values as the standard library reads them (orjson reads an integer
-                # beyond 64 bits as a float, and nesting the stdlib cannot read), so that the answer is the
-                # same with or without orjson.
-                try:
-                    standard_reading = json.loads(raw)
-                except RecursionError:
-                    raise not_json(raw) from None
-                scores = read(standard_reading)
+            scores = answer_scores(raw, read)
             outcome = "ok"
             return scores
+        except RerankError as exc:
+            if outcome == "cancelled":  # no answer came
+                outcome = "timeout" if exc.status == 504 else "bad_answer" if isinstance(exc, BadAnswer) else "unreachable"
+            raise
         finally:
             self.metrics.labelled(self.metrics.upstream_calls, outcome).inc()
+
+    async def timed_post(self, url: str, body: bytes, headers: dict[str, str], expected: int,
+                         pooled: bool) -> tuple[int, Any, bytes]:
+        async with self.slots:
+            self.in_flight += 1
+            started = time.perf_counter()
+            try:
+                most = ANSWER_BYTES + CLASSIFY_ANSWER_BYTES_PER_INPUT * expected
+                return await self._post(url, body, headers, most, self.session if pooled else self.fresh_session)
+            finally:
+                self.in_flight -= 1
+                self.metrics.upstream_seconds.observe(time.perf_counter() - started)
 
     async def _post(self, url: str, body: bytes, headers: dict[str, str], most: int,
                     session: ClientSession) -> tuple[int, Any, bytes]:
