@@ -137,8 +137,9 @@ def wait_for(url: str, timeout: float = START_SECONDS, describe: Callable[[], st
 
 
 def expected_ranking(query: str, documents: list[str]) -> list[tuple[int, float]]:
-    """The fake scores each prompt by its hash: the ranking a correct proxy answers, best first."""
-    scores = [hashed_probability(proxy.prompt_for(query, document).strip()) for document in documents]
+    """The fake scores each prompt by its hash (the pad anchor skipped, as a model skips it): the ranking a
+    correct proxy answers, best first."""
+    scores = [hashed_probability(proxy.prompt_for(query, document)) for document in documents]
     return sorted(enumerate(scores), key=lambda pair: (-pair[1], pair[0]))
 
 
