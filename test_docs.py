@@ -395,3 +395,24 @@ async def test_the_error_answers_of_probes_and_unknown_routes_are_valid_against_
     answer = await down.get("/elsewhere")  # outside Infinity's prefix: a local 404
     assert answer.status == 404
     OAS31Validator(error, registry=REGISTRY).validate(await answer.json())
+
+
+def test_the_template_file_shown_loads_and_writes_qwen3s_prompt(tmp_path: Path) -> None:
+    text = (DOCS / "how-it-works.md").read_text()
+    shown = next(block["body"] for block in fenced_blocks(text) if block["lang"] == "json" and '"templates"' in
+                 block["body"])
+    (tmp_path / "templates.json").write_text(shown)
+    templates = proxy.templates_from_file(str(tmp_path / "templates.json"))
+    code = proxy.template_for(templates, "", "my-code-reranker")
+    assert code.name == "qwen3-code-reranker"
+    qwen3 = proxy.TEMPLATES["qwen3-reranker"]
+    assert proxy.prompt_for("q", "d", code.default_instruction, code) == proxy.prompt_for(
+        "q", "d", code.default_instruction, qwen3)
+    # The mistake the page quotes is the one the proxy reports.
+    quoted = " ".join(re.search(r"`(--template-file t\.json: templates\[0\]\.query_line[^`]*)`", text)[1].split())
+    broken = json.loads(shown)
+    broken["templates"][0]["query_line"] = "<Query>:\n"
+    (tmp_path / "t.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError) as refused:
+        proxy.templates_from_file(str(tmp_path / "t.json"))
+    assert str(refused.value).replace(str(tmp_path / "t.json"), "t.json").startswith(quoted)
