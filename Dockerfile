@@ -1,6 +1,11 @@
 # The rerank proxy: one Python file and aiohttp, on a slim image, as a non-root user.
 FROM python:3.12-slim
 
+# The proxy's version, for the image's label: the same as PROXY_VERSION in proxy-classifier.py (a fast test compares).
+ARG PROXY_VERSION=1.0
+LABEL org.opencontainers.image.title="rerank-proxy" \
+      org.opencontainers.image.version="${PROXY_VERSION}"
+
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \

@@ -1,6 +1,6 @@
 """Fixtures shared by every test file: the proxy module, a fake Infinity, and the proxy under test.
 
-The fake stands in for infinity_emb 0.0.78's HTTP API as measured (../shared/CONTRACT.md): labels
+The fake stands in for infinity_emb 0.0.78's HTTP API as measured (docs/how-it-works.md, "What the proxy relies on from Infinity"): labels
 sorted by score, inputs whitespace-stripped, 422 for more than 2048 inputs or an input over
 122,880 characters, FastAPI's {"detail"} shapes. It is a real aiohttp server on 127.0.0.1, and a
 test can replace any answer with `fake.fault`, an async function of the request.

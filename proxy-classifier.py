@@ -46,7 +46,7 @@ else:
     from async_timeout import timeout as deadline_in  # aiohttp's own dependency before 3.11
 
 log = logging.getLogger("proxy-classifier")
-PROXY_VERSION = "1.0"  # reported by GET /info, where TEI reports its own version
+PROXY_VERSION = "1.0"  # --version, GET /info (where TEI reports its own) and the image's label (Dockerfile ARG)
 
 # Optional speedups (orjson for JSON, uvloop for the event loop): used when installed, chosen once
 # here so that no call site branches on them. PROXY_NO_SPEEDUPS=1 turns them off. It is the one
@@ -213,7 +213,7 @@ def template_from_entry(entry: Any, where: str) -> Template:
 
 def templates_from_file(path: str) -> dict[str, Template]:
     """The templates of a --template-file, file's first: {"templates": [{field: value, ...}, ...]}
-    (README, Templates). A mistake raises ValueError naming the file, the field and what is wrong."""
+    (docs/how-it-works.md, Templates). A mistake raises ValueError naming the file, the field and what is wrong."""
     if not path:
         return dict(TEMPLATES)
     try:
@@ -247,7 +247,7 @@ def classify_input(query: str, document: str, instruction: str = "", anchor: str
 # The self-check (AnchorChecks.check): one fixed prompt, cut before its trailing whitespace so that it ends on
 # a token the model reads, scored bare and followed by the anchor. A model that skips the anchor as padding
 # reads the same token at the same position in both: the same score. One that reads it reads another token
-# (the anchor): another score, apart by whole units of log-odds on the test models (README, Fidelity).
+# (the anchor): another score, apart by whole units of log-odds on the test models (docs/how-it-works.md).
 # Comparing one anchor with two would not do: a model can score a pad token after itself almost as after
 # the prompt. The tolerance holds for fp16 on a GPU: an 11-bit significand leaves about 1e-3 relative error
 # on logits of magnitude up to ~30, some 0.03 on each and twice that on their difference, when the two
@@ -440,7 +440,7 @@ class Config:
     template: str = option("", "the prompt template for every request (mxbai-rerank-v2, qwen3-reranker, or one of "
                            "--template-file); without it each request's model name chooses")
     template_file: str = option("", "a JSON file of templates that adds to or replaces the built-in ones "
-                                "(README, Templates)")
+                                "(docs/how-it-works.md)")
     instruction: str | None = option(None, "the instruction used when a request gives none (default: the "
                                      "template's; mxbai-rerank-v2 has none, and an empty one means no instruction line)")
     positive_label: str = option("", "the classifier label whose probability is the relevance score (default: the "
@@ -451,7 +451,7 @@ class Config:
     api_key: str = option("", "if set, clients must send 'Authorization: Bearer <key>'", secret=True)
     infinity_api_key: str = option("", "bearer token the proxy sends to Infinity", secret=True)
     log_level: str = option("INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL")
-    # Chosen by measurement (README, "Limits"): with them the proxy's peak RSS under any flood stays well under 1 GiB.
+    # Chosen by measurement (docs/operations.md, "Limits"): with them the proxy's peak RSS under any flood stays well under 1 GiB.
     max_concurrent_requests: int = option(256, "requests handled at once; more are refused at once (429 "
                                           "overloaded_error)")
     max_pending_bytes: int = option(64 * 1024 * 1024, f"bytes of request bodies, and {PROMPT_BYTES} a prompt plus "
@@ -535,6 +535,7 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
         prog="proxy-classifier.py",
         description="Rerank proxy: serves /rerank, /v1/rerank and /v2/rerank over Infinity's /classify for LLM "
         "rerankers (mxbai-rerank-v2, Qwen3-Reranker). Every option can also be set by the environment variable shown.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {PROXY_VERSION}")
     for flag, kind, text in OPTIONS:
         default = getattr(Config, flag[2:].replace("-", "_"))
         shown = "(unset)" if flag in SECRET_OPTIONS or default in ("", None) else default
@@ -1604,7 +1605,8 @@ class AnchorCheck:
 
     def report(self) -> dict[str, Any]:
         return {"template": self.template.name, "anchor": self.anchor_to_send,
-                "template_check": "ok" if self.anchor else "failed: the model reads the pad anchor (README, Fidelity)"}
+                "template_check": "ok" if self.anchor else
+                "failed: the model reads the pad anchor (docs/how-it-works.md, Fidelity)"}
 
 
 class AnchorChecks:
@@ -1647,7 +1649,7 @@ class AnchorChecks:
             found = AnchorCheck(model, template, None, tuple(gaps))
             log.warning("model %r does not skip its pad token after the prompt (log-odds moved by %s after the "
                         "anchor %s): every score it gives is off. Set pad_token_id in its config.json to the id of "
-                        "%s (README, Fidelity)", model, ", ".join(f"{gap:.3g}" for gap in gaps),
+                        "%s (docs/how-it-works.md, Fidelity)", model, ", ".join(f"{gap:.3g}" for gap in gaps),
                         " or ".join(template.anchors), template.anchors[0])
         if len(self.done) >= self.MAX_CHECKED:
             oldest = self.done.pop(next(iter(self.done)))
@@ -1796,7 +1798,7 @@ class Metrics:
         ).set_function(requests_in_progress)
         self.template_check = prometheus_client.Gauge(
             "rerank_proxy_template_check", "1 when the served model skips the prompt's pad anchor (its scores are "
-            "its authors'), 0 when it reads it (README, Fidelity)", ("model", "template"), registry=registry)
+            "its authors'), 0 when it reads it (docs/how-it-works.md)", ("model", "template"), registry=registry)
         self.rejected = prometheus_client.Counter(
             "rerank_proxy_rejected", "Requests refused or cut off: overloaded, client_timeout, too_large",
             ("reason",), registry=registry)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Make .venv and install what the proxy needs; with --dev, also everything the tests and the
-# benchmark need (the end-to-end tier pulls torch: about 1.4 GB and a minute or two).
+# benchmark need (the end-to-end tier pulls torch: 754 MB installed, and a minute or two).
 # Safe to run again: it reuses .venv and pip skips what is already installed.
 set -euo pipefail
 

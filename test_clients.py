@@ -386,16 +386,3 @@ def test_ragflow_cannot_use_a_proxy_with_an_api_key(keyed_proxy: Server) -> None
     with pytest.raises(urllib.error.HTTPError) as refused:
         ragflow_scores(keyed_proxy.url, QUERY, DOCUMENTS)
     assert refused.value.code == 401
-
-
-# --------------------------------------------------------------------------------------------
-# The README shows the examples as they are.
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("example", CLIENT_ROUTES)
-def test_the_readme_shows_each_example_file_as_it_is(example: str) -> None:
-    readme = (ROOT / "README.md").read_text()
-    code = (EXAMPLES / f"{example}.py").read_text()
-    assert f"`examples/{example}.py`" in readme
-    assert f"```python\n{code}```" in readme

@@ -280,21 +280,6 @@ def figures(logs: Path) -> Iterator[dict[str, Any]]:
 DEPLOYMENTS = {d["model_name"]: d["litellm_params"]["model"] for d in REPO_CONFIG["model_list"]}
 
 
-def environment_variables_in(value: Any) -> set[str]:
-    """The variables a LiteLLM config reads: its values of the form os.environ/NAME."""
-    if isinstance(value, dict):
-        return set().union(*map(environment_variables_in, value.values()))
-    if isinstance(value, list):
-        return set().union(*map(environment_variables_in, value))
-    return {value.removeprefix("os.environ/")} if isinstance(value, str) and value.startswith("os.environ/") else set()
-
-
-def test_the_config_needs_only_the_proxy_url_and_the_master_key() -> None:
-    assert environment_variables_in(REPO_CONFIG) == {"LITELLM_MASTER_KEY", "RERANK_PROXY_URL"}
-    assert all(d["model_info"] == {"mode": "rerank"} for d in REPO_CONFIG["model_list"])
-    assert sorted(p.split("/")[0] for p in DEPLOYMENTS.values()) == ["cohere", "infinity"]
-
-
 def test_gateway_health_reports_every_rerank_deployment_healthy(gateway: str, pair_a: Pair) -> None:
     report = wait_for_health(gateway, lambda r: r.get("healthy_count", 0) + r.get("unhealthy_count", 0) >= 2, 30)
     assert report["unhealthy_count"] == 0, report["unhealthy_endpoints"]

@@ -1,4 +1,4 @@
-"""Load, overload and metrics (../shared/CONTRACT.md): admission with a fast 429, client timeouts, /metrics.
+"""Load, overload and metrics (docs/operations.md): admission with a fast 429, client timeouts, /metrics.
 
 The fast tests run the proxy in-process, served with the options main() uses (`server_options`), and talk
 to it over raw sockets where a test must control what a client has sent (half a header, a body that never

@@ -1,4 +1,4 @@
-"""The fast tier: every promise of ../shared/CONTRACT.md, against a fake Infinity (conftest.py).
+"""The fast tier: every promise of docs/api.md and docs/configuration.md, against a fake Infinity (conftest.py).
 
 Each test is one promise, named for it. The fake answers like infinity_emb 0.0.78 as measured;
 test_e2e.py checks the same chain against the real server.
@@ -1244,14 +1244,15 @@ def test_dockerfile_runs_the_proxy_as_non_root_with_a_stdlib_healthcheck() -> No
     assert dockerfile.index("requirements.txt") < dockerfile.index("COPY proxy-classifier.py")
 
 
-def test_readme_documents_every_option_and_its_test_command_is_cis() -> None:
+def test_configuration_page_documents_every_option_and_the_test_command_is_cis() -> None:
+    configuration = (ROOT / "docs" / "configuration.md").read_text()
     readme = (ROOT / "README.md").read_text()
     for flag, _, _ in proxy.OPTIONS:
-        assert f"`{flag}`" in readme and f"`{proxy.env_name(flag)}`" in readme, flag
-    assert not re.search(r"^[A-Z][A-Z_]{5,}$", readme, re.M), "a placeholder is left in the README"
+        assert f"`{flag}`" in configuration and f"`{proxy.env_name(flag)}`" in configuration, flag
+    assert not re.search(r"^[A-Z][A-Z_]{5,}$", configuration, re.M), "a placeholder is left in docs/configuration.md"
     defaults = proxy.Config()
     for flag, _, _ in proxy.OPTIONS:
-        row = next(line for line in readme.splitlines() if line.startswith(f"| `{flag}` |"))
+        row = next(line for line in configuration.splitlines() if line.startswith(f"| `{flag}` |"))
         value = getattr(defaults, flag[2:].replace("-", "_"))
         shown = "(none)" if value in ("", None) else f"{value:g}" if isinstance(value, float) else str(value)
         assert f"| `{shown}`" in row or f"| {shown} |" in row or f"| `{shown}` (" in row, (flag, shown, row)

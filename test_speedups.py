@@ -1,4 +1,4 @@
-"""The optional speedups (CONTRACT.md "Optional speedups"): orjson and uvloop change the cost, never an answer.
+"""The optional speedups (docs/configuration.md, "Optional speedups"): orjson and uvloop change the cost, never an answer.
 
 The proxy picks its JSON functions once, at import: orjson when it is installed, the standard library
 when it is not or when PROXY_NO_SPEEDUPS=1. CI runs the fast and reliability tiers twice, once each way;

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""How often the tokenization boundary applies, and how far it moves a score (README, Fidelity).
+"""How often the tokenization boundary applies, and how far it moves a score (docs/how-it-works.md, Fidelity).
 
 mixedbread's library tokenizes the query part and the document part on their own; Infinity tokenizes the
 whole prompt the proxy sends. Where a part ends in punctuation or whitespace, Qwen2's pre-tokenizer joins

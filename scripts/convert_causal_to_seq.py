@@ -8,7 +8,7 @@ head, in the order (negative, positive): label 1 is the positive one, and Infini
 is sigmoid(logit_positive - logit_negative), the authors' own score. This is how the
 michaelfeil/mxbai-rerank-*-v2-seq checkpoints are made.
 
-The head reads the last token that is not the pad token, which the proxy relies on (README, Fidelity):
+The head reads the last token that is not the pad token, which the proxy relies on (docs/how-it-works.md, Fidelity):
 so the conversion sets pad_token_id, by default to <|endoftext|>, the token Qwen's tokenizers pad with.
 
     pip install -r scripts/requirements-convert.txt
