@@ -14,10 +14,11 @@ import importlib.util
 import math
 import os
 import socket
+import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -298,3 +299,93 @@ def missing_tier(message: str) -> None:
     if strict_environment():
         pytest.fail(f"{message}; PROXY_TESTS_REQUIRE_ALL=1 does not allow skipping it")
     pytest.skip(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# The end-to-end world (the tiny model, one real Infinity, the proxy in front of it), shared by the
+# modules that run the real chain. tests/helpers.py uses what is defined above, so it is imported here.
+# ---------------------------------------------------------------------------------------------
+
+from tests import helpers  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def e2e_world() -> Iterator[None]:
+    """The end-to-end tier's packages and offline environment (its modules use it: pytestmark)."""
+    yield from helpers.offline_tier("the end-to-end tier", helpers.MISSING_PACKAGES,
+                                    " (or pip install -r requirements-e2e.txt)")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return helpers.build_tiny_mxbai_model(tmp_path_factory.mktemp("tiny-mxbai") / "model")
+
+
+@pytest.fixture(scope="session")
+def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def infinity(tiny_model: Path, logs: Path) -> Iterator[helpers.Server]:
+    yield from helpers.running_infinity([(tiny_model, None)], logs, "infinity", "--batch-size", "8")
+
+
+@pytest.fixture(scope="session")
+def served_model(infinity: helpers.Server) -> str:
+    """The name Infinity serves the tiny model under: without --served-model-name, the last two parts
+    of its directory path."""
+    status, answer = helpers.http_json("GET", infinity.url + "/models")
+    assert status == 200, answer
+    (name,) = [model["id"] for model in answer["data"]]
+    return name
+
+
+@pytest.fixture(scope="session")
+def proxy_server(infinity: helpers.Server, served_model: str, logs: Path) -> Iterator[helpers.Server]:
+    yield from helpers.running_proxy(infinity.url, logs, "proxy", "--model", served_model)
+
+
+@pytest.fixture(scope="session")
+def logit_margin(tiny_model: Path) -> Callable[[str], float]:
+    return helpers.model_logit_margin(tiny_model)
+
+
+# The fake Infinity with a fault installed, and the proxy as a process (the reliability and overload tiers).
+
+
+@pytest.fixture
+def upstream(fake_infinity: FakeInfinity) -> helpers.Upstream:
+    return helpers.Upstream(fake_infinity)
+
+
+@pytest.fixture
+async def spawn_proxy(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[helpers.ProxyProcess]]]:
+    """Start `python proxy-classifier.py` as a user does; stop it (SIGTERM, then SIGKILL) afterwards."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    async def start(infinity_url: str, flags: tuple[str, ...]) -> helpers.ProxyProcess:
+        port = free_port()
+        log = tmp_path / f"proxy-{port}.log"
+        with log.open("wb") as sink:
+            process = subprocess.Popen(
+                [sys.executable, str(helpers.PROXY_SCRIPT), "--host", "127.0.0.1", "--port", str(port),
+                 "--infinity-url", infinity_url, *flags], stdout=sink, stderr=subprocess.STDOUT)
+        started.append(process)
+        running = helpers.ProxyProcess(f"http://127.0.0.1:{port}", port, process, log)
+        if not await helpers.eventually(lambda: process.poll() is not None or listens_on(process.pid, port), within=20):
+            pytest.fail(f"the proxy did not listen within 20 s:\n{log.read_text()}")
+        return running
+
+    async def spawn(infinity_url: str, *flags: str) -> helpers.ProxyProcess:
+        for _ in range(5):  # a port found free can be taken by another program before the proxy binds it
+            running = await start(infinity_url, flags)
+            if running.process.poll() is None:
+                return running
+            if "address already in use" not in running.log.read_text().lower():
+                break
+        pytest.fail(f"the proxy exited at start:\n{running.log.read_text()}")
+
+    yield spawn
+    for process in started:
+        await helpers.terminated(process)

@@ -7,7 +7,7 @@ Python, executing the very file the README shows (`examples/<client>.py`) or, fo
 few lines beside it. Open WebUI, Dify and RAGFlow are too large to install: each is re-enacted from its source,
 sending exactly what the product sends and reading exactly what it reads.
 
-Every score is checked against the tiny model run with transformers (test_e2e.py builds the world); which path
+Every score is checked against the tiny model run with transformers (conftest.py's end-to-end fixtures build the world); which path
 a client posted to, and how many documents, is read from the proxy's own log line for the request.
 """
 
@@ -25,27 +25,21 @@ from typing import Any
 
 import pytest
 
-import test_e2e
 from conftest import ROOT, logged_until_now, missing_tier
-from test_e2e import (
+from tests.helpers import (
     CALL_SECONDS,
     DOCUMENTS,
     LOCAL_HTTP,
     QUERY,
     SCORE_TOLERANCE,
     Server,
+    library_prompt,
     running_proxy,
     sigmoid,
     subprocess_env,
 )
 
-# test_e2e.py's world (the tiny model, one Infinity, the proxy in front of it), as fixtures of this module too:
-# the same definitions, with this module's own instances.
-e2e_world, tiny_model, logs, infinity, served_model, proxy_server, logit_margin = (
-    test_e2e.e2e_world, test_e2e.tiny_model, test_e2e.logs, test_e2e.infinity, test_e2e.served_model,
-    test_e2e.proxy_server, test_e2e.logit_margin)
-
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("e2e_world")]
 
 CLIENTS_PYTHON = ROOT / ".venv-clients" / "bin" / "python"
 CLIENT_REQUIREMENTS = ROOT / "requirements-clients.txt"
@@ -155,7 +149,7 @@ def model_score(logit_margin: Callable[[str], float]) -> Callable[..., float]:
     """The tiny model's own relevance for a query and a text, as transformers computes it."""
 
     def score(text: str, query: str = QUERY, raw: bool = False) -> float:
-        margin = logit_margin(test_e2e.library_prompt(query, text))
+        margin = logit_margin(library_prompt(query, text))
         return margin if raw else sigmoid(margin)
 
     return score

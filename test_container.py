@@ -32,8 +32,8 @@ from typing import Any
 
 import pytest
 
-from conftest import ROOT, SERVED_MODEL, free_port, hashed_probability, proxy, strict_environment
-from test_e2e import LOCAL_HTTP, http_json
+from conftest import LOCAL_HTTP, ROOT, SERVED_MODEL, free_port, hashed_probability, proxy, strict_environment
+from tests.helpers import http_json
 
 pytestmark = pytest.mark.container
 

@@ -21,8 +21,6 @@ import itertools
 import json
 import random
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,20 +28,28 @@ from typing import Any
 
 import pytest
 
-from conftest import LOCAL_HTTP, ROOT, proxy
-from test_e2e import (
+from conftest import LOCAL_HTTP, proxy
+from tests.helpers import (
     CALL_SECONDS,
-    SERVER_START_SECONDS,
+    CONTEXT_TOKENS,
+    HARD_CASES,
+    LOG_ODDS_TOLERANCE,
+    PASSAGES,
+    QUERIES,
+    Case,
+    Library,
     Server,
+    build_tiny_causal_reranker,
+    convert,
     http_json,
-    library_prompt,
+    log_odds_approx,
     offline_tier,
-    ready_on_a_free_port,
+    order_of,
+    rerank,
+    running_infinity,
     running_proxy,
+    scores_by_index,
     sigmoid,
-    start_infinity_serving,
-    stop,
-    subprocess_env,
 )
 
 pytestmark = pytest.mark.e2e
@@ -52,150 +58,22 @@ PACKAGES = ("torch", "transformers", "tokenizers", "infinity_emb", "mxbai_rerank
 MISSING_PACKAGES = [name for name in PACKAGES if importlib.util.find_spec(name) is None]
 
 PROBABILITY_TOLERANCE = 1e-4  # relevance_score against sigmoid(the library's score)
-LOG_ODDS_TOLERANCE = 1e-3  # raw_scores against the library's score, where a float32 probability can carry it
 EOT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-CONTEXT_TOKENS = 8192  # mxbai-rerank-v2's, and the tiny model's
 SEQ, SEQ_IM_END, SEQ_NO_PAD = "tiny-mxbai-seq", "tiny-mxbai-seq-imend", "tiny-mxbai-seq-nopad"
 
 # --------------------------------------------------------------------------------------------
 # What the tests send. Realistic queries and passages; then the hard ones.
 # --------------------------------------------------------------------------------------------
 
-QUERIES = [
-    "what is the capital of france",
-    "how do vaccines train the immune system",
-    "best time of year to visit kyoto",
-    "python asyncio timeout example",
-    "side effects of ibuprofen",
-    "who wrote the brothers karamazov",
-]
-PASSAGES = [
-    "Paris is the capital and most populous city of France",
-    "Vaccines expose the immune system to a harmless piece of a pathogen so it learns to recognise it",
-    "Kyoto is famous for its cherry blossoms in spring and its red maple leaves in autumn",
-    "asyncio.timeout is an asynchronous context manager that cancels the block when time runs out",
-    "Common side effects of ibuprofen include stomach pain, heartburn and nausea",
-    "The Brothers Karamazov is the final novel by the Russian author Fyodor Dostoevsky",
-    "Berlin is the capital of Germany and its largest city",
-    "The Rhine flows through six countries before it reaches the North Sea",
-    "A sourdough starter is a live culture of flour and water",
-    "Tokyo has hot humid summers and mild winters with little snow",
-]
 INSTRUCTION = "Prefer passages that name a city"
 
 
-@dataclass(frozen=True)
-class Case:
-    name: str
-    query: str
-    document: str
-    boundary: bool  # the library's token ids cannot be sent as text (see the module's docstring)
-
-
-# Hard text. `boundary` is what the test measures and asserts: it is declared here so that the list of
-# pairs held to the whole prompt's score is written down, not found at run time.
-HARD_CASES = [
-    Case("plain", "capital of france", "Paris is the capital of France", False),
-    Case("query ends with ?", "what is the capital of france?", "Paris is the capital of France", True),
-    Case("document ends with .", "capital of france", "Paris is the capital of France.", True),
-    Case("both end with punctuation", "capital of france?", "Paris is the capital of France.", True),
-    Case("whitespace at both ends of the document", "capital of france", "  Paris is the capital  ", True),
-    Case("whitespace at both ends of the query", "  capital of france  ", "Paris is the capital", True),
-    Case("document ends with a newline", "capital of france", "Paris\nis the capital\n", True),
-    Case("empty document", "capital of france", "", True),
-    Case("blank document", "capital of france", "   ", True),
-    Case("CJK", "東京の天気", "東京は晴れ、気温は二十度です", False),
-    Case("emoji", "🙂 weather in tokyo", "sunny 🌞 in tokyo all week", False),
-    Case("query ends with an emoji", "weather in tokyo 🙂", "sunny in tokyo all week", True),
-    Case("combining marks", "cafe\u0301 in ko\u0308ln", "the cafe\u0301 by the cathedral in ko\u0308ln", False),
-    Case("JSON", 'find {"city": "paris"}', '{"city": "paris", "country": "france", "population": 2102650}', True),
-    Case("braces", "format {query} and {document}", "use {0} and {1}, or {name}", True),
-    Case("chat tokens as text", "what ends a turn", f"the token {IM_END} ends a turn and {IM_START} starts one", False),
-]
 BOUNDARY = [case.name for case in HARD_CASES if case.boundary]
 
 
 # --------------------------------------------------------------------------------------------
 # The tiny causal model, its conversions, and mixedbread's library on it.
 # --------------------------------------------------------------------------------------------
-
-
-def tokenizer_corpus(rng: random.Random) -> list[str]:
-    """Text like what the model will see, so that the merges cover the template's words and the newlines
-    that follow punctuation (Qwen2's pattern makes "?\\n" and ".\\n" single pieces)."""
-    from mxbai_rerank import MxbaiRerankV2 as Library
-
-    template = Library.chat_template["prefix"] + Library.task_prompt + Library.chat_template["suffix"]
-    words = " ".join(QUERIES + PASSAGES + [case.query + " " + case.document for case in HARD_CASES]).split()
-    corpus = [template] * 5
-    for _ in range(600):
-        line = " ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))
-        ends = rng.choice(["", "?", ".", " ", "}"]), rng.choice(["", ".", "!", "}", "\n", " "])
-        corpus.append(f"query: {line}{ends[0]}\ndocument: {line}{ends[1]}\n")
-    return corpus
-
-
-def build_tiny_causal_reranker(directory: Path, seed: int = 0) -> Path:
-    """A tiny random Qwen2ForCausalLM shaped like mxbai-rerank-v2, with the "0"/"1" rows of its lm_head
-    scaled so that the library's scores spread over about -6..+6 (saturated probabilities compare nothing)."""
-    import torch
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=[EOT, IM_START, IM_END],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(tokenizer_corpus(random.Random(seed)), trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=IM_END, pad_token=EOT,
-                                        additional_special_tokens=[IM_START, IM_END], model_max_length=CONTEXT_TOKENS)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT_TOKENS,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
-        torch_dtype="float32", initializer_range=0.05,
-    )
-    with torch.random.fork_rng(devices=[]):  # seeds this model without reseeding the caller's RNG
-        torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config).eval()
-    spread_answer_rows(model, tokenizer)
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(directory)
-    model.save_pretrained(directory)
-    return directory
-
-
-def spread_answer_rows(model: Any, tokenizer: Any, spread: float = 2.5) -> None:
-    """Rescale the "1" - "0" direction of the lm_head so that its scores on realistic prompts have mean 0
-    and standard deviation `spread`: random weights alone give scores within a few tenths of 0."""
-    import torch
-
-    prompts = [library_prompt(query, document) for query in QUERIES for document in PASSAGES]
-    with torch.no_grad():
-        last = torch.stack([model.model(**tokenizer(p, return_tensors="pt")).last_hidden_state[0, -1] for p in prompts])
-        one, zero = tokenizer.convert_tokens_to_ids("1"), tokenizer.convert_tokens_to_ids("0")
-        rows = model.lm_head.weight
-        middle, difference = (rows[one] + rows[zero]) / 2, rows[one] - rows[zero]
-        scores = last @ difference
-        difference = difference * (spread / scores.std())
-        mean_state = last.mean(0)
-        difference -= (last @ difference).mean() * mean_state / mean_state.dot(mean_state)
-        rows[one], rows[zero] = middle + difference / 2, middle - difference / 2
-
-
-def convert(causal: Path, destination: Path, *flags: str) -> Path:
-    """scripts/convert_causal_to_seq.py, run as a user runs it."""
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_causal_to_seq.py"), str(causal),
-                           str(destination), *flags], env=subprocess_env(), capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr
-    return destination
 
 
 @dataclass(frozen=True)
@@ -224,41 +102,6 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
                   seq_no_pad)
 
 
-class Library:
-    """mixedbread's MxbaiRerankV2 on the causal model, and that model's score of a whole prompt."""
-
-    def __init__(self, causal: Path) -> None:
-        import torch
-        from mxbai_rerank import MxbaiRerankV2
-
-        self.reranker = MxbaiRerankV2(str(causal), device="cpu", torch_dtype=torch.float32)
-
-    def rank(self, query: str, documents: list[str], top_k: int | None = None, instruction: str | None = None
-             ) -> list[tuple[int, float]]:
-        results = self.reranker.rank(query, documents, top_k=top_k or len(documents), return_documents=False,
-                                     instruction=instruction)
-        return [(result.index, result.score) for result in results]
-
-    def scores(self, query: str, documents: list[str], instruction: str | None = None) -> list[float]:
-        return [score for _, score in sorted(self.rank(query, documents, instruction=instruction))]
-
-    def library_ids(self, query: str, document: str, instruction: str | None = None) -> list[int]:
-        inputs = self.reranker.prepare_inputs([query], [document], instruction=instruction)
-        return inputs["input_ids"][0][inputs["attention_mask"][0].bool()].tolist()
-
-    def whole_ids(self, query: str, document: str, instruction: str | None = None) -> list[int]:
-        return self.reranker.tokenizer(library_prompt(query, document, instruction),
-                                       add_special_tokens=False)["input_ids"]
-
-    def whole_score(self, query: str, document: str, instruction: str | None = None) -> float:
-        """The causal model's score of the whole prompt tokenized at once, as Infinity tokenizes it."""
-        import torch
-
-        ids = torch.tensor([self.whole_ids(query, document, instruction)])
-        with torch.no_grad():
-            return float(self.reranker.forward(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0])
-
-
 @pytest.fixture(scope="module")
 def library(models: Models) -> Library:
     return Library(models.causal)
@@ -267,16 +110,6 @@ def library(models: Models) -> Library:
 # --------------------------------------------------------------------------------------------
 # Infinity, twice (its default batch size, and one input at a time), and a proxy in front of each.
 # --------------------------------------------------------------------------------------------
-
-
-def running_infinity(models: list[tuple[Path, str]], logs: Path, name: str, *options: str) -> Iterator[Server]:
-    proc, port = ready_on_a_free_port(
-        lambda port: start_infinity_serving(models, port, logs / f"{name}.log", *options), "/health",
-        SERVER_START_SECONDS)
-    try:
-        yield Server(f"http://127.0.0.1:{port}/v1", proc)
-    finally:
-        stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -312,30 +145,6 @@ def proxy_server(request: pytest.FixtureRequest) -> Server:
     return request.getfixturevalue(f"{request.param}_proxy")
 
 
-def log_odds_approx(score: float) -> Any:
-    """The library's score as raw_scores can give it back. Infinity answers a float32 probability p, and
-    the proxy's log-odds come from p: near p = 1, p's own rounding (2**-24) moves them by up to
-    2**-24 / (p (1 - p)), which passes 1e-3 above a score of about +9 (README, Fidelity)."""
-    p = sigmoid(score)
-    return pytest.approx(score, abs=LOG_ODDS_TOLERANCE + 2**-24 / (p * (1 - p)))
-
-
-def post(server: Server, path: str, body: dict[str, Any]) -> Any:
-    status, answer = http_json("POST", server.url + path, body)
-    assert status == 200, answer
-    return answer
-
-
-def scores_by_index(answer: Any) -> dict[int, float]:
-    """The index -> score of any shape: Infinity's and Cohere's results, or TEI's bare list."""
-    results = answer if isinstance(answer, list) else answer["results"]
-    return {r["index"]: r["score"] if "score" in r else r["relevance_score"] for r in results}
-
-
-def order_of(answer: Any) -> list[int]:
-    return [r["index"] for r in (answer if isinstance(answer, list) else answer["results"])]
-
-
 ROUTES = [("/v1/rerank", "documents"), ("/v2/rerank", "documents"), ("/rerank", "documents"), ("/rerank", "texts")]
 
 
@@ -365,7 +174,7 @@ def test_relevance_is_the_sigmoid_of_the_librarys_score_in_its_order(
         request: pytest.FixtureRequest) -> None:
     key = f"{request.node.callspec.id.split('-')[0]} {path} {field}"
     for query in QUERIES:
-        answer = post(proxy_server, path, rerank_body(field, query, PASSAGES))
+        answer = rerank(proxy_server.url, path, rerank_body(field, query, PASSAGES))
         expected = library.rank(query, PASSAGES)
         got = scores_by_index(answer)
         assert order_of(answer) == [index for index, _ in expected], query
@@ -380,7 +189,7 @@ def test_relevance_is_the_sigmoid_of_the_librarys_score_in_its_order(
 @pytest.mark.parametrize(("path", "field"), ROUTES)
 def test_raw_scores_are_the_librarys_score(proxy_server: Server, library: Library, path: str, field: str) -> None:
     query = QUERIES[1]
-    answer = post(proxy_server, path, rerank_body(field, query, PASSAGES, raw_scores=True))
+    answer = rerank(proxy_server.url, path, rerank_body(field, query, PASSAGES, raw_scores=True))
     got = scores_by_index(answer)
     for index, score in library.rank(query, PASSAGES):
         assert got[index] == log_odds_approx(score)
@@ -389,7 +198,7 @@ def test_raw_scores_are_the_librarys_score(proxy_server: Server, library: Librar
 @pytest.mark.parametrize("path", ["/v1/rerank", "/v2/rerank"])
 @pytest.mark.parametrize("top_n", [1, 3])
 def test_top_n_is_the_librarys_top_k(proxy_server: Server, library: Library, path: str, top_n: int) -> None:
-    answer = post(proxy_server, path, {"query": QUERIES[2], "documents": PASSAGES, "top_n": top_n})
+    answer = rerank(proxy_server.url, path, {"query": QUERIES[2], "documents": PASSAGES, "top_n": top_n})
     expected = library.rank(QUERIES[2], PASSAGES, top_k=top_n)
     assert [(r["index"], r["relevance_score"]) for r in answer["results"]] == [
         (index, pytest.approx(sigmoid(score), abs=PROBABILITY_TOLERANCE)) for index, score in expected]
@@ -399,7 +208,7 @@ def test_top_n_is_the_librarys_top_k(proxy_server: Server, library: Library, pat
 def test_the_instruction_is_the_librarys_instruction(proxy_server: Server, library: Library, path: str,
                                                      field: str) -> None:
     query = QUERIES[0]
-    answer = post(proxy_server, path, rerank_body(field, query, PASSAGES, instruction=INSTRUCTION))
+    answer = rerank(proxy_server.url, path, rerank_body(field, query, PASSAGES, instruction=INSTRUCTION))
     got = scores_by_index(answer)
     with_it, without = library.scores(query, PASSAGES, INSTRUCTION), library.scores(query, PASSAGES)
     for index in range(len(PASSAGES)):
@@ -420,7 +229,7 @@ def test_hard_text_scores_as_the_library_or_across_the_boundary_as_the_whole_pro
         proxy_server: Server, library: Library, case: Case) -> None:
     documents = [case.document, PASSAGES[0]]
     for path, field in ROUTES:
-        got = scores_by_index(post(proxy_server, path, rerank_body(field, case.query, documents, raw_scores=True)))
+        got = scores_by_index(rerank(proxy_server.url, path, rerank_body(field, case.query, documents, raw_scores=True)))
         whole = library.whole_score(case.query, case.document)
         assert got[0] == log_odds_approx(whole), path  # the model, on what Infinity receives
         if not case.boundary:
@@ -431,7 +240,7 @@ def test_two_hundred_documents_in_one_request_score_as_the_library(proxy_server:
     rng = random.Random(7)
     words = " ".join(PASSAGES).split()  # some end in "," or carry a "." : those documents cross the boundary
     documents = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 30))) for _ in range(200)]
-    answer = post(proxy_server, "/v1/rerank", {"query": QUERIES[0], "documents": documents, "raw_scores": True})
+    answer = rerank(proxy_server.url, "/v1/rerank", {"query": QUERIES[0], "documents": documents, "raw_scores": True})
     expected = library.rank(QUERIES[0], documents)
     got = scores_by_index(answer)
     assert len(got) == 200
@@ -449,7 +258,7 @@ def test_concurrent_requests_that_infinity_batches_together_score_as_the_library
         batched_proxy: Server, library: Library) -> None:
     bodies = [{"query": query, "documents": PASSAGES[i % 3:], "raw_scores": True} for i, query in enumerate(QUERIES * 2)]
     with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
-        answers = list(pool.map(lambda body: post(batched_proxy, "/v2/rerank", body), bodies))
+        answers = list(pool.map(lambda body: rerank(batched_proxy.url, "/v2/rerank", body), bodies))
     for body, answer in zip(bodies, answers, strict=True):
         got = scores_by_index(answer)
         for index, score in library.rank(body["query"], body["documents"]):
@@ -468,7 +277,7 @@ def get_json(url: str) -> Any:
 
 
 def test_a_model_that_pads_with_endoftext_is_checked_ok(batched_proxy: Server) -> None:
-    post(batched_proxy, "/v1/rerank", {"query": "q", "documents": ["d"], "model": SEQ})
+    rerank(batched_proxy.url, "/v1/rerank", {"query": "q", "documents": ["d"], "model": SEQ})
     report = get_json(batched_proxy.url + "/health")["models"][SEQ]
     assert report == {"template": "mxbai-rerank-v2", "anchor": EOT, "template_check": "ok"}
 
@@ -476,7 +285,7 @@ def test_a_model_that_pads_with_endoftext_is_checked_ok(batched_proxy: Server) -
 def test_a_model_that_pads_with_another_token_gets_that_anchor_and_the_librarys_scores(
         batched_proxy: Server, library: Library) -> None:
     query = QUERIES[3]
-    answer = post(batched_proxy, "/v1/rerank", {"query": query, "documents": PASSAGES, "model": SEQ_IM_END,
+    answer = rerank(batched_proxy.url, "/v1/rerank", {"query": query, "documents": PASSAGES, "model": SEQ_IM_END,
                                                 "raw_scores": True})
     got = scores_by_index(answer)
     for index, score in library.rank(query, PASSAGES):
@@ -508,7 +317,7 @@ def test_a_model_without_a_pad_token_is_reported_and_still_served(no_pad_proxy: 
     log = (logs / "proxy-no-pad.log").read_text()
     (warning,) = [line for line in log.splitlines() if " WARNING " in line]
     assert SEQ_NO_PAD in warning and "pad_token_id" in warning and "config.json" in warning
-    answer = post(no_pad_proxy, "/v1/rerank", {"query": "q", "documents": ["a", "b"]})  # the operator decides
+    answer = rerank(no_pad_proxy.url, "/v1/rerank", {"query": "q", "documents": ["a", "b"]})  # the operator decides
     assert sorted(order_of(answer)) == [0, 1]
 
 

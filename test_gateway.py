@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, free_port, logged_until_now
-from test_e2e import (
+from tests.helpers import (
     DOCUMENTS,
     LOCAL_HTTP,
     MISSING_PACKAGES,

@@ -26,9 +26,18 @@ from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-import test_reliability
 from conftest import ROOT, SERVED_MODEL, FakeInfinity, free_port, peak_rss, proxy
-from test_reliability import GOOD, ProxyProcess, answers, assert_ranked, eventually, post, spawn_proxy, upstream  # noqa: F401  (fixtures, used by name)
+from tests import helpers
+from tests.helpers import (
+    GOOD,
+    PROXY_SCRIPT,
+    ProxyProcess,
+    answers,
+    assert_ranked,
+    costliest_accepted_body,
+    eventually,
+    post,
+)
 
 Serve = Callable[..., Awaitable[Any]]
 
@@ -267,7 +276,7 @@ async def test_probes_and_metrics_are_never_refused_for_load(serve: Serve, fake_
 
 
 async def test_every_admitted_request_gives_its_place_back_whatever_its_end(
-        serve: Serve, upstream: Any) -> None:  # noqa: F811
+        serve: Serve, upstream: Any) -> None:
     client = await serve(max_concurrent_requests=2)
     await post(client, GOOD)  # 200
     await post(client, b"not json")  # 400
@@ -427,7 +436,7 @@ async def test_forwarded_routes_are_labelled_by_their_template_not_their_path(se
 
 
 async def test_refusals_and_upstream_failures_are_counted_by_reason_and_outcome(
-        serve: Serve, fake_infinity: FakeInfinity, upstream: Any) -> None:  # noqa: F811
+        serve: Serve, fake_infinity: FakeInfinity, upstream: Any) -> None:
     client = await serve(max_concurrent_requests=1)
     fake_infinity.delay = 1.0
     busy = asyncio.create_task(post(client, GOOD))
@@ -597,11 +606,11 @@ def assert_flood_answer(status: int, headers: Any, answer: Any) -> None:
 
 @pytest.mark.slow
 async def test_a_flood_of_maximum_size_requests_keeps_peak_memory_bounded_and_gets_200_or_429(
-        spawn_proxy: Callable[..., Awaitable[ProxyProcess]], lean_infinity: str,  # noqa: F811
+        spawn_proxy: Callable[..., Awaitable[ProxyProcess]], lean_infinity: str,
         monkeypatch: pytest.MonkeyPatch) -> None:
     # OVERLOAD_PROXY_SCRIPT=/tmp/old-proxy.py floods another version of the proxy, for comparison.
-    script = Path(os.environ.get("OVERLOAD_PROXY_SCRIPT", test_reliability.PROXY_SCRIPT))
-    monkeypatch.setattr(test_reliability, "PROXY_SCRIPT", script)
+    script = Path(os.environ.get("OVERLOAD_PROXY_SCRIPT", PROXY_SCRIPT))
+    monkeypatch.setattr(helpers, "PROXY_SCRIPT", script)  # where conftest's spawn_proxy reads it
     running = await spawn_proxy(lean_infinity, "--log-level", "WARNING")  # the defaults otherwise
     bodies = [flood_body(0), flood_body(1)]
     statuses: dict[int, int] = {}
@@ -647,11 +656,11 @@ FLOOD_WAVE = 48  # concurrent requests in each wave: half of them 32 MiB bodies
 
 @pytest.mark.slow
 async def test_a_flood_of_the_costliest_bodies_accepted_keeps_peak_memory_under_the_bound(
-        spawn_proxy: Callable[..., Awaitable[ProxyProcess]], lean_infinity: str) -> None:  # noqa: F811
+        spawn_proxy: Callable[..., Awaitable[ProxyProcess]], lean_infinity: str) -> None:
     # Each body holds as many values as a body may, as strings Python holds at 4 bytes a character, echoed back:
     # about 12 times its size in the proxy (test_reliability's hostile test measures one alone).
     running = await spawn_proxy(lean_infinity, "--log-level", "WARNING")
-    body = test_reliability.costliest_accepted_body()
+    body = costliest_accepted_body()
     statuses: dict[int, int] = {}
 
     async def ask(session: ClientSession) -> None:
@@ -680,7 +689,7 @@ COSTLY_WAVE = 16  # concurrent 29 MiB bodies in each wave
 
 @pytest.mark.slow
 async def test_while_the_proxy_is_full_each_shed_is_answered_within_a_second(
-        spawn_proxy: Callable[..., Awaitable[ProxyProcess]], fake_infinity: FakeInfinity) -> None:  # noqa: F811
+        spawn_proxy: Callable[..., Awaitable[ProxyProcess]], fake_infinity: FakeInfinity) -> None:
     running = await spawn_proxy(fake_infinity.url)
     limit = proxy.Config()
     holders = []
@@ -717,7 +726,7 @@ SHED_BURST = 200  # requests arriving at once at a full proxy
 
 @pytest.mark.slow
 async def test_hundreds_of_idle_and_trickling_connections_do_not_delay_a_normal_request(
-        spawn_proxy: Callable[..., Awaitable[ProxyProcess]], fake_infinity: FakeInfinity) -> None:  # noqa: F811
+        spawn_proxy: Callable[..., Awaitable[ProxyProcess]], fake_infinity: FakeInfinity) -> None:
     client_timeout = 3.0
     running = await spawn_proxy(fake_infinity.url, "--client-timeout", str(client_timeout))
     slow: list[RawClient] = []

@@ -19,8 +19,6 @@ import gzip
 import json
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,33 +28,39 @@ from typing import Any
 
 import psutil
 import pytest
-from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
+from aiohttp import ClientError, ClientSession, web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
 from conftest import (
     LOADED_MACHINE_SLACK,
-    ROOT,
     FakeInfinity,
-    free_port,
     hashed_probability,
-    listens_on,
     peak_rss,
     proxy,
     tcp_connections,
 )
+from tests.helpers import (
+    GOOD,
+    Answer,
+    FaultHook,
+    ProxyProcess,
+    Upstream,
+    answers,
+    assert_ranked,
+    classify_answer,
+    costliest_accepted_body,
+    eventually,
+    expected_scores,
+    post,
+)
 
-FaultHook = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
-
-QUERY = "Which rivers flow into the North Sea?"
-DOCUMENTS = ["The Rhine flows into the North Sea near Rotterdam.", "The Danube flows into the Black Sea."]
-GOOD = {"query": QUERY, "documents": DOCUMENTS}
 # Asked after a fault: a different query, so an answer left over from the fault would not match.
+QUERY, DOCUMENTS = GOOD["query"], GOOD["documents"]
 NEXT = {"query": "Where does the Elbe end?", "documents": ["At Cuxhaven, in the North Sea.", "In Dresden."]}
 
 LOAD_FIGURES = Path("/tmp/proxy-reliability-load.json")
-PROXY_SCRIPT = ROOT / "proxy-classifier.py"
 
 
 @pytest.fixture(autouse=True)
@@ -74,41 +78,6 @@ def hard_time_limit(request: pytest.FixtureRequest) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Answer:
-    status: int
-    headers: dict[str, str]
-    body: Any  # the parsed JSON, or None when the answer is not JSON
-    seconds: float
-
-
-async def post(client: Any, body: Any, path: str = "/v1/rerank") -> Answer:
-    """POST a rerank body through a pytest-aiohttp client or a ClientSession with a base_url."""
-    data = body if isinstance(body, bytes) else json.dumps(body)
-    started = time.monotonic()
-    async with client.post(path, data=data) as response:
-        raw = await response.read()
-        headers = dict(response.headers)
-    try:
-        parsed = json.loads(raw)
-    except ValueError:
-        parsed = None
-    return Answer(response.status, headers, parsed, time.monotonic() - started)
-
-
-def expected_scores(query: str, documents: list[str], instruction: str = "") -> list[float]:
-    """What the fake scores for each document's prompt (it strips the prompt, as Infinity does)."""
-    return [hashed_probability(proxy.prompt_for(query, document, instruction)) for document in documents]
-
-
-def assert_ranked(answer: Answer, body: dict[str, Any]) -> None:
-    """A 200 whose results are this request's documents, scored for this request's query, best first."""
-    assert answer.status == 200, answer.body
-    scores = expected_scores(body["query"], body["documents"])
-    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
-    assert [(r["index"], r["relevance_score"]) for r in answer.body["results"]] == [(i, scores[i]) for i in order]
-
-
 def assert_error(answer: Answer, status: int, error_type: str, *words: str, param: str | None = None) -> None:
     assert answer.status == status, answer.body
     assert answer.headers["Content-Type"].startswith("application/json")
@@ -117,17 +86,6 @@ def assert_error(answer: Answer, status: int, error_type: str, *words: str, para
     assert error == {"message": error["message"], "type": error_type, "param": param, "code": status}
     for word in words:
         assert word in error["message"], (word, error["message"])
-
-
-async def eventually(condition: Callable[[], bool], within: float = LOADED_MACHINE_SLACK) -> bool:
-    """Whether the condition holds within the time: cancellation and socket closing take a few turns of the
-    loop, and many more on a loaded machine. It returns as soon as the condition holds."""
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
 
 
 def tasks_running_proxy_code() -> list[asyncio.Task[Any]]:
@@ -149,19 +107,6 @@ def connections_to(port: int, pid: int | None = None) -> int:
 # ---------------------------------------------------------------------------------------------
 # What a failing Infinity does: hooks for the fake's `fault`
 # ---------------------------------------------------------------------------------------------
-
-
-def classify_answer(data: str) -> str:
-    return '{"object":"classify","data":' + data + ',"model":"m","usage":{"prompt_tokens":1,"total_tokens":1}}'
-
-
-def answers(status: int, body: str, content_type: str = "application/json",
-            headers: dict[str, str] | None = None) -> FaultHook:
-    async def hook(request: web.Request) -> web.Response:
-        await request.read()
-        return web.Response(status=status, text=body, content_type=content_type, headers=headers)
-
-    return hook
 
 
 def never_answers() -> FaultHook:
@@ -264,34 +209,6 @@ def answers_a_gzip_bomb() -> FaultHook:
                                                               "Content-Encoding": "gzip"})
 
     return hook
-
-
-@dataclass
-class Upstream:
-    """The fake Infinity with a fault installed, counting the calls that reach the fault."""
-
-    fake: FakeInfinity
-    calls: int = 0  # calls the fault saw (all of them: it sits in front of every route but /health)
-    running: int = 0  # calls still inside the fault
-
-    def fail_with(self, hook: FaultHook) -> None:
-        async def counted(request: web.Request) -> web.StreamResponse | None:
-            self.calls += 1
-            self.running += 1
-            try:
-                return await hook(request)
-            finally:
-                self.running -= 1
-
-        self.fake.fault = counted
-
-    def heal(self) -> None:
-        self.fake.fault = None
-
-
-@pytest.fixture
-def upstream(fake_infinity: FakeInfinity) -> Upstream:
-    return Upstream(fake_infinity)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -674,7 +591,6 @@ async def test_a_request_queued_behind_max_concurrency_gives_504_at_the_timeout(
 # ---------------------------------------------------------------------------------------------
 
 RERANK_PATHS = ["/rerank", "/v1/rerank", "/v2/rerank"]
-
 
 
 def json_values_of(scalars: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
@@ -1091,71 +1007,6 @@ async def test_a_refused_gzip_bomb_is_never_decoded(make_proxy: Callable[..., Aw
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ProxyProcess:
-    url: str
-    port: int
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    @property
-    def rss(self) -> int:
-        return psutil.Process(self.process.pid).memory_info().rss
-
-    def session(self, connections: int = 100, timeout: float = 30.0) -> ClientSession:
-        return ClientSession(base_url=self.url, connector=TCPConnector(limit=connections),
-                             timeout=ClientTimeout(total=timeout))
-
-    async def exit_code(self, within: float) -> int | None:
-        await eventually(lambda: self.process.poll() is not None, within)
-        return self.process.poll()
-
-    def accepts_connections(self) -> bool:
-        with socket.socket() as sock:
-            return sock.connect_ex(("127.0.0.1", self.port)) == 0
-
-
-
-@pytest.fixture
-async def spawn_proxy(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[ProxyProcess]]]:
-    """Start `python proxy-classifier.py` as a user does; stop it (SIGTERM, then SIGKILL) afterwards."""
-    started: list[subprocess.Popen[bytes]] = []
-
-    async def start(infinity_url: str, flags: tuple[str, ...]) -> ProxyProcess:
-        port = free_port()
-        log = tmp_path / f"proxy-{port}.log"
-        with log.open("wb") as sink:
-            process = subprocess.Popen(
-                [sys.executable, str(PROXY_SCRIPT), "--host", "127.0.0.1", "--port", str(port),
-                 "--infinity-url", infinity_url, *flags], stdout=sink, stderr=subprocess.STDOUT)
-        started.append(process)
-        running = ProxyProcess(f"http://127.0.0.1:{port}", port, process, log)
-        if not await eventually(lambda: process.poll() is not None or listens_on(process.pid, port), within=20):
-            pytest.fail(f"the proxy did not listen within 20 s:\n{log.read_text()}")
-        return running
-
-    async def spawn(infinity_url: str, *flags: str) -> ProxyProcess:
-        for _ in range(5):  # a port found free can be taken by another program before the proxy binds it
-            running = await start(infinity_url, flags)
-            if running.process.poll() is None:
-                return running
-            if "address already in use" not in running.log.read_text():
-                break
-        pytest.fail(f"the proxy exited at start:\n{running.log.read_text()}")
-
-    yield spawn
-    for process in started:
-        await stop(process)
-
-
-async def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        if not await eventually(lambda: process.poll() is not None, within=10):
-            process.kill()
-            process.wait()
-
-
 async def test_a_client_that_disconnects_cancels_its_upstream_calls(
         spawn_proxy: Callable[..., Awaitable[ProxyProcess]], upstream: Upstream) -> None:
     # The calls never answer and --timeout is far away: only the proxy letting go ends them.
@@ -1333,15 +1184,6 @@ async def test_under_load_every_answer_is_its_own_and_memory_stays_flat(
 HOSTILE_FIGURES = Path("/tmp/proxy-hostile-figures.json")
 HOSTILE_RSS_BOUND = 768 * 2**20  # the README's bound for the defaults (test_overload's FLOOD_RSS_BOUND)
 MOST = proxy.Config().max_body_size - 1000  # bytes: the largest hostile bodies, just inside --max-body-size
-WIDE = "\U0001F600abcdefghi"  # 16 bytes in a body as a JSON string and a comma, 4 bytes a character once parsed
-
-
-def costliest_accepted_body() -> bytes:
-    """As many values as a body may hold (one per 16 bytes), each a string Python holds at 4 bytes a character,
-    in 10,000 documents echoed back: the most memory a body the proxy accepts can cost."""
-    documents = [{"text": f"d{i}", "x": [WIDE] * 180} for i in range(10_000)]
-    body = json.dumps({"query": "q", "documents": documents, "return_documents": True}, ensure_ascii=False)
-    return body.encode()
 
 
 HOSTILE_BODIES: list[tuple[str, Callable[[], bytes], int]] = [

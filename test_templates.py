@@ -21,18 +21,26 @@ from typing import Any
 import pytest
 
 from conftest import proxy
-from test_e2e import Server, http_json, offline_tier, running_proxy
-from test_fidelity import (
+from tests.helpers import (
+    END_OF_TEXT,
+    IM_END,
+    IM_START,
     PASSAGES,
     QUERIES,
     Library,
+    Server,
     build_tiny_causal_reranker,
     convert,
+    http_json,
     log_odds_approx,
+    offline_tier,
     order_of,
-    post,
+    qwen_like_tokenizer,
+    rerank,
     running_infinity,
+    running_proxy,
     scores_by_index,
+    spread_answer_rows,
 )
 
 pytestmark = pytest.mark.e2e
@@ -41,7 +49,7 @@ PACKAGES = ("torch", "transformers", "tokenizers", "infinity_emb", "mxbai_rerank
 MISSING_PACKAGES = [name for name in PACKAGES if importlib.util.find_spec(name) is None]
 
 TOLERANCE = 1e-4
-EOT, IM_START, IM_END, THINK, END_THINK = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"
+EOT, THINK, END_THINK = END_OF_TEXT, "<think>", "</think>"
 QWEN3, MXBAI, CROSS_ENCODER = "tiny-Qwen3-Reranker-seq", "tiny-mxbai-rerank-v2-seq", "tiny-cross-encoder"
 ALIAS = "tiny-house-reranker"  # the Qwen3 conversion again, under a name that does not say what it is
 CHUNK_CHARS = 120
@@ -73,28 +81,14 @@ def build_tiny_qwen3_reranker(directory: Path, seed: int = 1) -> Path:
     """A tiny random Qwen3ForCausalLM with a Qwen3-like tokenizer, its yes/no rows spread so that the card's
     scores cover most of (0, 1)."""
     import torch
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+    from transformers import Qwen3Config, Qwen3ForCausalLM
 
     rng = random.Random(seed)
     words = " ".join(QUERIES + PASSAGES + HARD).split()
     corpus = [CARD_PREFIX + card_body(q, d, None) + CARD_SUFFIX + " yes no" for q in QUERIES for d in PASSAGES]
     corpus += [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + " yes no" for _ in range(400)]
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=1024, special_tokens=[EOT, IM_START, IM_END, THINK, END_THINK],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=IM_END, pad_token=EOT,
-                                        additional_special_tokens=[IM_START, IM_END, THINK, END_THINK],
-                                        model_max_length=8192)
-    yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
+    tokenizer = qwen_like_tokenizer(corpus, [EOT, IM_START, IM_END, THINK, END_THINK])
+    yes = tokenizer.convert_tokens_to_ids("yes")
     assert tokenizer("yes", add_special_tokens=False)["input_ids"] == [yes] and yes != tokenizer.unk_token_id
     config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=8192,
@@ -104,13 +98,7 @@ def build_tiny_qwen3_reranker(directory: Path, seed: int = 1) -> Path:
         torch.manual_seed(seed)
         model = Qwen3ForCausalLM(config).eval()
     prompts = [CARD_PREFIX + card_body(q, d, None) + CARD_SUFFIX for q in QUERIES for d in PASSAGES]
-    with torch.no_grad():
-        last = torch.stack([model.model(**tokenizer(p, return_tensors="pt")).last_hidden_state[0, -1] for p in prompts])
-        rows = model.lm_head.weight
-        middle, difference = (rows[yes] + rows[no]) / 2, rows[yes] - rows[no]
-        difference = difference * (2.5 / (last @ difference).std())
-        difference -= (last @ difference).mean() * last.mean(0) / last.mean(0).dot(last.mean(0))
-        rows[yes], rows[no] = middle + difference / 2, middle - difference / 2
+    spread_answer_rows(model, tokenizer, prompts, "yes", "no")
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(directory)
     model.save_pretrained(directory)
@@ -211,7 +199,7 @@ def proxy_server(infinity: Server, logs: Path) -> Iterator[Server]:
 
 
 def rank(server: Server, path: str, field: str, query: str, documents: list[str], **extra: Any) -> Any:
-    return post(server, path, {"query": query, field: documents, **extra})
+    return rerank(server.url, path, {"query": query, field: documents, **extra})
 
 
 ROUTES = [("/v1/rerank", "documents"), ("/v2/rerank", "documents"), ("/rerank", "texts")]

@@ -846,13 +846,9 @@ async def measure_speedups(plan: Plan, servers: Servers) -> dict[str, Any]:
 
 
 def import_e2e() -> Any:
-    """test_e2e.py, which builds the tiny model and starts a real Infinity (it imports conftest)."""
+    """The tests' helpers (tests/helpers.py), which build the tiny model and start a real Infinity."""
     sys.path.insert(0, str(ROOT))
-    spec = importlib.util.spec_from_file_location("test_e2e", ROOT / "test_e2e.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["test_e2e"] = module
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("tests.helpers")
 
 
 async def measure_infinity(plan: Plan, servers: Servers, work: Path) -> dict[str, Any]:

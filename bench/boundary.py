@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from test_fidelity import Library, build_tiny_causal_reranker
+from tests.helpers import Library, build_tiny_causal_reranker
 
 KEYWORD_QUERIES = ["python list sort stable", "read file line by line", "http request timeout", "parse json string",
                    "thread safe queue", "unicode normalization", "temporary directory cleanup", "regular expression"]
