@@ -28,6 +28,7 @@ import math
 import os
 import re
 import socket
+import string
 import sys
 import time
 import unicodedata
@@ -107,6 +108,10 @@ class Template:
         """Everything after the document, without the anchor: the same for every prompt."""
         return self.document_parts[1] + self.suffix
 
+    def has_line(self, instruction: str) -> bool:
+        """Whether a prompt with this instruction has an instruction line."""
+        return bool(instruction) or not self.instruction_optional
+
     def prompt(self, query: str, document: str, instruction: str = "") -> str:
         """The exact text the model was trained to score for one query and one document."""
         return self.head(query, instruction) + document + self.tail
@@ -150,13 +155,17 @@ TEMPLATES: dict[str, Template] = {
 DEFAULT_TEMPLATE = TEMPLATES["mxbai-rerank-v2"]  # for a model no template names
 
 
-def template_for(templates: dict[str, Template], chosen: str, model: str) -> Template:
+def template_for(templates: dict[str, Template], chosen: str, *names: str) -> Template:
     """--template for every request; else the first template (a file's before the built-in ones) whose
-    `models` names part of the request's model name; else mxbai-rerank-v2."""
+    `models` names part of the model's name (the request's, then the one Infinity serves it under); else
+    mxbai-rerank-v2 (a file's, where it re-declares it)."""
     if chosen:
         return templates[chosen]
-    name = model.lower()
-    return next((t for t in templates.values() if any(part.lower() in name for part in t.models)), DEFAULT_TEMPLATE)
+    for name in map(str.lower, names):
+        for template in templates.values():
+            if any(part.lower() in name for part in template.models):
+                return template
+    return templates.get(DEFAULT_TEMPLATE.name, DEFAULT_TEMPLATE)
 
 
 TEMPLATE_FIELDS = {"name": str, "prefix": str, "instruction_line": str, "query_line": str, "document_line": str,
@@ -196,10 +205,10 @@ def template_from_entry(entry: Any, where: str) -> Template:
     if missing:
         raise ValueError(f"{where} lacks {', '.join(missing)}")
     for field, placeholder in PLACEHOLDERS.items():
-        line = entry[field]
-        try:
-            ok = line.count("{" + placeholder + "}") == 1 and line.format(**{placeholder: ""}) is not None
-        except (KeyError, IndexError, ValueError):
+        try:  # one bare {placeholder}: no other field, no conversion or format spec, nothing Python would evaluate
+            ok = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(entry[field])
+                  if name is not None] == [(placeholder, "", None)] and "\0" not in entry[field]
+        except ValueError:
             ok = False
         if not ok:
             raise ValueError(f"{where}.{field} must hold {{{placeholder}}} once and no other braces "
@@ -337,6 +346,13 @@ def option(default: Any, text: str, secret: bool = False) -> Any:
     return dataclasses.field(default=default, metadata={"help": text, "secret": secret})
 
 
+# Room for the few tokens that BPE merges can add where the pieces of a prompt meet.
+BOUNDARY_TOKENS = 16
+# At most this many characters a token are tokenized to find how many fit in a budget: were tokens longer,
+# fewer characters would be kept than could be, never more.
+MOST_CHARS_PER_TOKEN = 32
+
+
 class TokenCounter:
     """How many tokens a text takes, as an upper bound. With --tokenizer, the model's own count (the
     optional `tokenizers` package; no torch). Without, the text's UTF-8 bytes after the NFC normalisation
@@ -371,7 +387,15 @@ class TokenCounter:
         bound = self.bytes_bound(text)
         if self.tokenizer is None or bound <= 1:
             return bound
-        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        return len(self.offsets(text) or ()) or bound
+
+    def offsets(self, text: str) -> list[tuple[int, int]] | None:
+        """Each token's character span, by the model's tokenizer; None for text it cannot take (an unpaired
+        surrogate: the request is refused for it later, naming the document)."""
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=False).offsets
+        except TypeError:
+            return None
 
     def fits(self, text: str, budget: int) -> bool:
         return self.bytes_bound(text) <= budget or (self.tokenizer is not None and self.count(text) <= budget)
@@ -394,13 +418,23 @@ class TokenCounter:
             self.template_costs[template, instruction_line] = cost
         return cost
 
+    def query_room(self, template: Template, instruction: str) -> int:
+        """The tokens left for the query: it and the instruction take at most three quarters of what the
+        template leaves (mixedbread's library keeps the same share), the rest is the document's."""
+        room = (template.max_tokens - self.template_cost(template, template.has_line(instruction)) - BOUNDARY_TOKENS)
+        return room * 3 // 4 - (self.count(instruction) if instruction else 0)
+
     def fitting(self, text: str, budget: int) -> int:
         """How many leading characters of `text` fit in `budget` tokens."""
         if self.bytes_bound(text) <= budget:
             return len(text)
         if self.tokenizer is not None:
-            offsets = self.tokenizer.encode(text, add_special_tokens=False).offsets
-            return len(text) if len(offsets) <= budget else offsets[max(budget, 0)][0]
+            # A token holds at most a few dozen characters: no more than this prefix can fit, and a 4 MB
+            # document is not tokenized whole to keep its first few thousand tokens.
+            text = text[: max(budget, 1) * MOST_CHARS_PER_TOKEN]
+            offsets = self.offsets(text)
+            if offsets is not None:
+                return len(text) if len(offsets) <= budget else offsets[max(budget, 0)][0]
         if text.isascii():
             return max(budget, 0)
         end = min(len(text), budget)
@@ -496,8 +530,9 @@ class Config:
                 raise ValueError(f"{flag_of(name)} must be a positive number of seconds (got {getattr(self, name):g})")
 
     def check_prompts(self) -> None:
+        templates = templates_from_file(self.template_file)
         # The longest prompt: an instruction and a query of --max-query-chars each, one chunk.
-        longest = max(map(template_overhead_chars, TEMPLATES.values())) + 2 * self.max_query_chars + self.max_doc_chars
+        longest = max(map(template_overhead_chars, templates.values())) + 2 * self.max_query_chars + self.max_doc_chars
         if longest > INFINITY_MAX_INPUT_CHARS:
             raise ValueError(
                 f"--max-query-chars and --max-doc-chars allow prompts of {longest} characters; "
@@ -505,10 +540,14 @@ class Config:
                 "(keep 2 * max-query-chars + max-doc-chars under about 122,000)")
         if len(self.instruction or "") > self.max_query_chars:
             raise ValueError("--instruction is longer than --max-query-chars")
-        templates = templates_from_file(self.template_file)
         if self.template and self.template not in templates:
             raise ValueError(f"--template {self.template!r} is not a template; known: {', '.join(templates)}")
-        TokenCounter.from_file(self.tokenizer)  # a bad --tokenizer stops the proxy at start
+        counter = TokenCounter.from_file(self.tokenizer)  # a bad --tokenizer stops the proxy at start
+        for template in templates.values():  # else every request would be refused for it
+            if counter.query_room(template, template.default_instruction if self.instruction is None
+                                  else self.instruction) < 1:
+                raise ValueError(f"template {template.name}: its max_tokens ({template.max_tokens}) leaves no room "
+                                 "for a query beside its own text and the instruction (--instruction or its default)")
 
     def check_infinity_url(self) -> None:
         url = URL(self.infinity_url)
@@ -748,6 +787,10 @@ def refuse_json_that_expands(raw: bytes, max_documents: int) -> None:
     allowed = VALUES_PER_DOCUMENT * max_documents + len(raw) // BODY_BYTES_PER_VALUE
     if len(raw) < VALUES_COUNTED_FROM or raw.count(b",") + raw.count(b"[") + raw.count(b"{") <= allowed:
         return
+    encoding = json.detect_encoding(raw)
+    if not encoding.startswith("utf-8"):  # UTF-16 or -32, which JSON allows: its escapes are counted as UTF-8's
+        with contextlib.suppress(UnicodeDecodeError):  # not text at all: the parser says so
+            raw = raw.decode(encoding, "surrogatepass").encode("utf-8", "surrogatepass")
     found = values_outside_strings(raw)
     if found > allowed:
         raise bad_request(f"the request body holds about {found} JSON values, more than a body of {len(raw)} bytes "
@@ -943,8 +986,6 @@ def rerank_body_from_tei(body: dict[str, Any], config: Config) -> dict[str, Any]
 
 
 _WHITESPACE = re.compile(r"\s")
-# Room for the few tokens that BPE merges can add where the pieces of a prompt meet.
-BOUNDARY_TOKENS = 16
 
 
 def chunks_of(text: str, max_chars: int, max_chunks: int, budget: int | None = None,
@@ -983,15 +1024,10 @@ class ClassifyPlan:
     chunks_by_document: list[list[int]] | None
 
 
-def has_line(template: Template, instruction: str) -> bool:
-    return bool(instruction) or not template.instruction_optional
-
-
 def fitted_query(query: str, instruction: str, template: Template, counter: TokenCounter) -> str:
     """The query, cut so that it and the instruction take at most three quarters of the model's context
     (mixedbread's library keeps the same share for the query), leaving the rest to the document."""
-    room = (template.max_tokens - counter.template_cost(template, has_line(template, instruction)) - BOUNDARY_TOKENS)
-    room = room * 3 // 4 - (counter.count(instruction) if instruction else 0)
+    room = counter.query_room(template, instruction)
     if room < 1:
         raise bad_request(f"'instruction' leaves no room for the query in the model's {template.max_tokens} tokens",
                           "instruction")
@@ -1005,7 +1041,7 @@ def plan_prompts(request: RerankRequest, config: Config, counter: TokenCounter =
     instruction = template.default_instruction if request.instruction is None else request.instruction
     query = fitted_query(request.query, instruction, template, counter)
     head = template.head(query, instruction)
-    budget = (template.max_tokens - counter.template_cost(template, has_line(template, instruction)) - BOUNDARY_TOKENS
+    budget = (template.max_tokens - counter.template_cost(template, template.has_line(instruction)) - BOUNDARY_TOKENS
               - counter.count(query) - (counter.count(instruction) if instruction else 0))
     texts = request.texts
     longest = max(map(len, texts), default=0)
@@ -1106,13 +1142,28 @@ def positive_probabilities(answer: Any, expected: int, positive_label: str) -> t
     return scores, prompt_tokens(answer)
 
 
+def log_odds(p: float) -> float:
+    """mxbai's raw score: logit_1 - logit_0 for the two-label model, kept finite."""
+    p = min(max(p, 1e-12), 1.0 - 1e-12)
+    return math.log(p) - math.log1p(-p)
+
+
+def label_log_odds(answer: Any, positive_label: str) -> tuple[list[float], int]:
+    """One input's log-odds from both sides of Infinity's answer, ln(p) - ln(the other labels' p): near p = 1
+    the other side's small probability keeps the float32 precision that 1 - p has lost."""
+    [p], tokens = positive_probabilities(answer, 1, positive_label)  # checks the answer's shape
+    rest = sum(label["score"] for label in answer["data"][0] if isinstance(label, dict)
+               and label.get("label") != positive_label and type(label.get("score")) in (int, float))
+    return [math.log(max(p, 1e-300)) - math.log(rest) if 0 < rest < 1 else log_odds(p)], tokens
+
+
 def cross_encoder_bodies(request: RerankRequest, batch_size: int) -> list[tuple[bytes, int]]:
     """The calls to Infinity's own /rerank for a cross-encoder, as (JSON body, number of documents): the
     query and texts as given (the model truncates them itself; none longer than Infinity accepts), in batches."""
     texts = request.texts
     if request.max_tokens_per_doc is not None:  # no tokenizer of the cross-encoder's at hand: about 3 characters a token
         texts = [text[: 3 * request.max_tokens_per_doc] for text in texts]
-    texts = [text[:INFINITY_MAX_INPUT_CHARS] for text in texts]
+    texts = [checked_text(text[:INFINITY_MAX_INPUT_CHARS], f"documents[{i}]") for i, text in enumerate(texts)]
     return [(json_dumps({"model": request.model, "query": request.query, "documents": texts[start:start + batch_size],
                          "raw_scores": request.raw_scores, "return_documents": False}),
              len(texts[start:start + batch_size])) for start in range(0, len(texts), batch_size)]
@@ -1130,16 +1181,10 @@ def cross_encoder_scores(answer: Any, expected: int) -> tuple[list[float], int]:
         score = result.get("relevance_score") if isinstance(result, dict) else None
         if not is_integer(index) or not 0 <= index < expected or scores[index] is not None:
             raise RerankError(502, f"Infinity's /rerank answer has a wrong or repeated index: {index!r}")
-        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not -1e300 < score < 1e300:
             raise RerankError(502, f"Infinity's /rerank answer has a score that is not a number: {score!r}")
         scores[index] = float(score)
     return scores, prompt_tokens(answer)  # type: ignore[return-value]
-
-
-def log_odds(p: float) -> float:
-    """mxbai's raw score: logit_1 - logit_0 for the two-label model, kept finite."""
-    p = min(max(p, 1e-12), 1.0 - 1e-12)
-    return math.log(p) - math.log1p(-p)
 
 
 def document_scores(plan: ClassifyPlan, prompt_scores: list[float], raw_scores: bool) -> list[float]:
@@ -1563,6 +1608,7 @@ class ServedModels:
     is built into prompts by its template."""
 
     REFRESH_SECONDS = 30.0
+    RETRY_SECONDS = 2.0
 
     def __init__(self, infinity: Infinity) -> None:
         self.infinity = infinity
@@ -1577,7 +1623,9 @@ class ServedModels:
             async with self.reading:  # the first requests share one read
                 if model not in self.capabilities and time.monotonic() - self.read_at > self.REFRESH_SECONDS:
                     listed = await self.infinity.served_models({**headers, **INTERNAL})
-                    self.read_at = time.monotonic()
+                    # A list that could not be read (Infinity down, or wanting a key this call lacked) is tried
+                    # again after RETRY_SECONDS, not trusted for REFRESH_SECONDS.
+                    self.read_at = time.monotonic() - (0 if listed else self.REFRESH_SECONDS - self.RETRY_SECONDS)
                     self.capabilities = listed or self.capabilities
         return self.known(model)
 
@@ -1615,9 +1663,10 @@ class AnchorChecks:
 
     MAX_CHECKED = 64  # the newest kept, where Infinity's model list could not be read to bound the names
 
-    def __init__(self, infinity: Infinity, metrics: Metrics) -> None:
+    def __init__(self, infinity: Infinity, metrics: Metrics, positive_label: str) -> None:
         self.infinity = infinity
         self.metrics = metrics
+        self.positive_label = positive_label  # --positive-label, else each template's
         self.done: dict[str, AnchorCheck] = {}
         self.running: dict[str, asyncio.Future[AnchorCheck]] = {}
 
@@ -1634,14 +1683,21 @@ class AnchorChecks:
         return check.anchor_to_send
 
     async def check(self, model: str, template: Template, headers: dict[str, str]) -> AnchorCheck:
-        """Score the probe bare and followed by each anchor: a model that skips the anchor scores them alike."""
-        probe = template.prompt(*ANCHOR_PROBE).rstrip()
+        """Score the probe bare and followed by each anchor: a model that skips the anchor scores them alike.
+        One input a call: in one batch the bare probe would be padded, and a tokenizer that pads with the
+        anchor would make the two alike whatever the model reads."""
+        label = self.positive_label or template.positive_label
+
+        async def log_odds_of(text: str) -> float:
+            body = json_dumps({"model": model, "input": [text]})
+            [score], _ = await self.infinity.scored(self.infinity.classify_url, body, 1, {**headers, **INTERNAL},
+                                                    False, lambda answer: label_log_odds(answer, label))
+            return score
+
+        bare = await log_odds_of(template.prompt(*ANCHOR_PROBE).rstrip())
         gaps = []
         for anchor in template.anchors:
-            body = json_dumps({"model": model, "input": [probe, probe + anchor]})
-            (bare, anchored), _ = await self.infinity.classify(body, 2, {**headers, **INTERNAL}, template.positive_label,
-                                                               pooled=False)
-            gaps.append(log_odds(bare) - log_odds(anchored))
+            gaps.append(bare - await log_odds_of(template.prompt(*ANCHOR_PROBE).rstrip() + anchor))
             if abs(gaps[-1]) <= ANCHOR_TOLERANCE:
                 found = AnchorCheck(model, template, anchor, tuple(gaps))
                 break
@@ -1668,7 +1724,7 @@ class AnchorChecks:
             headers = self.infinity.auth_headers(None)
             model, capabilities = await served.resolve(config.model, headers)
             if CROSS_ENCODER not in capabilities:
-                await self.anchor_for(model, template_for(templates, config.template, config.model), headers)
+                await self.anchor_for(model, template_for(templates, config.template, config.model, model), headers)
 
         with contextlib.suppress(RerankError, asyncio.TimeoutError):
             await asyncio.wait_for(check_default_model(), within)
@@ -1898,9 +1954,13 @@ async def scores_of_prompts(request: web.Request, rerank_request: RerankRequest,
                             headers: dict[str, str]) -> tuple[list[float], int]:
     """A causal-LM reranker: its template's prompts, scored by Infinity's /classify."""
     app, config, stats = request.app, request.app[CONFIG], request[STATS]
-    template = template_for(app[TEMPLATE_SET], config.template, rerank_request.model)
+    template = template_for(app[TEMPLATE_SET], config.template, rerank_request.model, served)
     stats.template = template.name
-    plan = plan_prompts(rerank_request, config, app[TOKENS], template)
+    counter = app[TOKENS]
+    if counter.tokenizer is None:
+        plan = plan_prompts(rerank_request, config, counter, template)
+    else:  # tokenizing long documents takes milliseconds each: off the event loop, which keeps serving
+        plan = await asyncio.to_thread(plan_prompts, rerank_request, config, counter, template)
     # Before their bodies are built. Each prompt carries the query and the instruction (up to 2 * --max-query-chars).
     app[ADMISSION].take(stats, (PROMPT_BYTES + len(escaped_utf8(plan.prompt_head))) * len(plan.unique_texts))
     calls = classify_bodies(rerank_request.model, plan, config.batch_size, template.anchors[0])
@@ -1988,7 +2048,7 @@ async def info(request: web.Request) -> web.Response:
     """TEI's info for --model: its template's labels and context, and its self-check as known now."""
     app, config = request.app, request.app[CONFIG]
     model, _ = app[MODELS].known(config.model)
-    template = template_for(app[TEMPLATE_SET], config.template, config.model)
+    template = template_for(app[TEMPLATE_SET], config.template, config.model, model)
     return web.json_response(tei_info(config, template, app[CHECKS].done.get(model)))
 
 
@@ -2235,7 +2295,7 @@ def make_app(config: Config) -> web.Application:
     admission = app[ADMISSION] = Admission(config)
     metrics = app[METRICS] = Metrics(lambda: admission.requests)
     infinity = app[INFINITY] = Infinity(config, metrics)
-    app[CHECKS] = AnchorChecks(infinity, metrics)
+    app[CHECKS] = AnchorChecks(infinity, metrics, config.positive_label)
     app[TOKENS] = TokenCounter.from_file(config.tokenizer)
     app[MODELS] = ServedModels(infinity)
     app[TEMPLATE_SET] = templates_from_file(config.template_file)

@@ -348,3 +348,20 @@ def test_every_prompt_fits_the_models_context_at_the_defaults(models: Models, to
         assert max(lengths) <= CONTEXT_TOKENS
         assert all(text.endswith(proxy.DEFAULT_TEMPLATE.tail + EOT) for text in inputs)  # nothing cut
         assert len(inputs) > 2  # the long document was chunked
+
+
+def test_with_the_models_tokenizer_a_document_utf8_cannot_carry_is_a_400_and_a_long_one_is_cut_to_its_tokens(
+        models: Models) -> None:
+    from tokenizers import Tokenizer
+
+    config = proxy.Config(tokenizer=str(models.seq / "tokenizer.json"))
+    counter = proxy.TokenCounter.from_file(config.tokenizer)
+    request = proxy.parse_rerank({"query": "q", "documents": ["a b " * 5000 + "\ud800"]}, config)
+    plan = proxy.plan_prompts(request, config, counter)  # the tokenizer cannot take the text: counted in bytes
+    with pytest.raises(proxy.RerankError) as refused:
+        proxy.classify_bodies("m", plan, config.batch_size)
+    assert (refused.value.status, refused.value.param) == (400, "documents[0]")
+    long_document = "the weather in tokyo is sunny " * 150_000  # 4.5 MB: only its first tokens are tokenized
+    request = proxy.parse_rerank({"query": "q", "documents": [long_document], "max_tokens_per_doc": 10}, config)
+    [kept] = proxy.plan_prompts(request, config, counter).unique_texts
+    assert long_document.startswith(kept) and 0 < len(Tokenizer.from_file(config.tokenizer).encode(kept).ids) <= 10

@@ -395,9 +395,10 @@ async def test_metrics_count_the_traffic_sent_by_route_status_and_documents(serv
     assert value(found, "rerank_proxy_documents_total", route="/v1/rerank", template="mxbai-rerank-v2") == 2 + 3 + 4
     assert value(found, "rerank_proxy_documents_total", route="/v2/rerank", template="mxbai-rerank-v2") == 1
     assert value(found, "rerank_proxy_request_duration_seconds_count", route="/v1/rerank") == 3
-    # Identical prompts are sent once: one call for each 200, none for the 400; and the model's self-check, once.
-    assert value(found, "rerank_proxy_upstream_calls_total", outcome="ok") == 4 + 1
-    assert value(found, "rerank_proxy_upstream_call_duration_seconds_count") == 4 + 1
+    # Identical prompts are sent once: one call for each 200, none for the 400; and the model's self-check, once
+    # (the bare probe, then the probe and its anchor).
+    assert value(found, "rerank_proxy_upstream_calls_total", outcome="ok") == 4 + 2
+    assert value(found, "rerank_proxy_upstream_call_duration_seconds_count") == 4 + 2
     assert value(found, "rerank_proxy_template_check", model=SERVED_MODEL, template="mxbai-rerank-v2") == 1
     assert value(found, "rerank_proxy_upstream_in_flight") == 0
     assert value(found, "rerank_proxy_requests_in_progress") == 0
@@ -450,7 +451,7 @@ async def test_refusals_and_upstream_failures_are_counted_by_reason_and_outcome(
     found = samples(await scrape(client))
     assert value(found, "rerank_proxy_rejected_total", reason="overloaded") == 2
     assert value(found, "rerank_proxy_requests_total", route="/v1/rerank", status="429", template="") == 2
-    assert value(found, "rerank_proxy_upstream_calls_total", outcome="ok") == 1 + 1  # and the self-check
+    assert value(found, "rerank_proxy_upstream_calls_total", outcome="ok") == 1 + 2  # and the self-check's two
     assert value(found, "rerank_proxy_upstream_calls_total", outcome="http_5xx") == 1
 
 

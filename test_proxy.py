@@ -1280,7 +1280,9 @@ async def test_the_self_check_runs_once_per_model_before_its_first_call(client: 
     answers = await asyncio.gather(*(rerank(client, {"query": "q", "documents": [str(i)]}) for i in range(5)))
     assert [status for status, _ in answers] == [200] * 5
     await rerank(client, {"query": "q", "documents": ["later"]})
-    assert fake_infinity.probe_bodies == [{"model": SERVED_MODEL, "input": [PROBE, PROBE + "<|endoftext|>"]}]
+    # One input a call: in one batch the bare probe would be padded.
+    assert fake_infinity.probe_bodies == [{"model": SERVED_MODEL, "input": [PROBE]},
+                                          {"model": SERVED_MODEL, "input": [PROBE + "<|endoftext|>"]}]
     assert len(fake_infinity.classify_bodies) == 6
 
 
@@ -1292,7 +1294,8 @@ async def test_a_model_that_pads_with_another_token_is_sent_the_anchor_it_skips(
     assert fake_infinity.inputs == [proxy.prompt_for("q", d) + "<|im_end|>" for d in ("a", "b")]
     assert {r["index"]: r["relevance_score"] for r in answer["results"]} == {
         i: pytest.approx(proxy.log_odds(hashed_probability(proxy.prompt_for("q", d)))) for i, d in enumerate("ab")}
-    assert [body["input"][1] for body in fake_infinity.probe_bodies] == [PROBE + "<|endoftext|>", PROBE + "<|im_end|>"]
+    assert [body["input"] for body in fake_infinity.probe_bodies] == [
+        [PROBE], [PROBE + "<|endoftext|>"], [PROBE + "<|im_end|>"]]
     health = await (await client.get("/health")).json()
     assert health["models"] == {SERVED_MODEL: {"template": "mxbai-rerank-v2", "anchor": "<|im_end|>",
                                                "template_check": "ok"}}
@@ -1318,11 +1321,11 @@ async def test_a_model_that_skips_no_anchor_is_reported_everywhere_and_still_ser
 async def test_ready_runs_the_self_check_of_the_default_model(client: Any, fake_infinity: Any) -> None:
     assert (await (await client.get("/info")).json())["template_check"] == "unchecked"
     assert (await client.get("/ready")).status == 200
-    assert len(fake_infinity.probe_bodies) == 1
+    assert len(fake_infinity.probe_bodies) == 2
     info = await (await client.get("/info")).json()
     assert (info["template"], info["anchor"], info["template_check"]) == ("mxbai-rerank-v2", "<|endoftext|>", "ok")
     assert (await client.get("/ready")).status == 200
-    assert len(fake_infinity.probe_bodies) == 1  # cached
+    assert len(fake_infinity.probe_bodies) == 2  # cached
 
 
 async def test_a_self_check_that_infinity_refuses_fails_its_request_and_runs_again_next_time(
@@ -1333,7 +1336,7 @@ async def test_a_self_check_that_infinity_refuses_fails_its_request_and_runs_aga
     assert fake_infinity.classify_bodies == []  # no prompt went out with an anchor nobody checked
     fake_infinity.probe_status = 200
     assert (await rerank(client, {"query": "q", "documents": ["a"]}))[0] == 200
-    assert len(fake_infinity.probe_bodies) == 2
+    assert len(fake_infinity.probe_bodies) == 1 + 2  # the refused bare probe; then the whole check
 
 
 async def test_model_names_that_all_mean_the_one_served_model_are_checked_once(
@@ -1341,7 +1344,7 @@ async def test_model_names_that_all_mean_the_one_served_model_are_checked_once(
     # With one model loaded, Infinity ignores the name: clients' names must not each cost a check.
     for name in ("first", *(f"alias-{i}" for i in range(10))):
         assert (await rerank(client, {"query": "q", "documents": ["a"], "model": name}))[0] == 200
-    assert [body["model"] for body in fake_infinity.probe_bodies] == [SERVED_MODEL]
+    assert [body["model"] for body in fake_infinity.probe_bodies] == [SERVED_MODEL] * 2  # one check: two calls
     assert set((await (await client.get("/health")).json())["models"]) == {SERVED_MODEL}
     assert fake_infinity.model_lookups == 1  # the list is read again only for a name it lacks, and not often
 
@@ -1351,7 +1354,7 @@ async def test_where_infinity_cannot_list_its_models_each_name_is_checked_as_it_
     fake_infinity.models_status = 401
     for name in ("a", "b", "a"):
         assert (await rerank(client, {"query": "q", "documents": ["d"], "model": name}))[0] == 200
-    assert [body["model"] for body in fake_infinity.probe_bodies] == ["a", "b"]
+    assert [body["model"] for body in fake_infinity.probe_bodies] == ["a", "a", "b", "b"]  # a check: two calls
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1491,7 +1494,7 @@ async def test_request_metrics_and_log_lines_name_the_template(client: Any, fake
 
 def test_each_templates_own_length_sets_the_document_budget() -> None:
     config, counter = proxy.Config(), proxy.TokenCounter()
-    costs = {name: counter.template_cost(template, proxy.has_line(template, template.default_instruction))
+    costs = {name: counter.template_cost(template, template.has_line(template.default_instruction))
              for name, template in proxy.TEMPLATES.items()}
     assert costs["mxbai-rerank-v2"] != costs["qwen3-reranker"]
     for name, template in proxy.TEMPLATES.items():
@@ -1630,3 +1633,90 @@ async def test_a_cross_encoders_wrong_answer_is_502(client: Any, fake_infinity: 
     fake_infinity.fault = repeated_index
     status, answer = await rerank(client, {"query": "q", "documents": ["a", "b"]})
     assert_error(status, answer, 502, "index")
+
+
+# ---------------------------------------------------------------------------------------------
+# What a review of the templates, the self-check and the limits found (each failed before its fix)
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_the_self_check_reads_the_positive_label_the_flag_names(make_proxy: Any, fake_infinity: Any) -> None:
+    fake_infinity.labels = lambda p1: sorted([{"label": "LABEL_1", "score": p1}, {"label": "LABEL_0", "score": 1 - p1}],
+                                             key=lambda label: -label["score"])
+    client = await make_proxy(positive_label="LABEL_1")
+    status, answer = await rerank(client, {"query": "q", "documents": ["d"]})
+    assert status == 200, answer
+    assert (await (await client.get("/health")).json())["models"][SERVED_MODEL]["template_check"] == "ok"
+
+
+async def test_a_model_named_by_an_alias_gets_the_template_of_the_name_infinity_serves(
+        client: Any, fake_infinity: Any) -> None:
+    fake_infinity.models = ["Qwen/Qwen3-Reranker-0.6B-seq"]  # one model: Infinity takes any name for it
+    qwen3_labels(fake_infinity)
+    assert (await rerank(client, {"query": "q", "documents": ["d"], "model": "my-alias"}))[0] == 200
+    assert fake_infinity.inputs == [qwen3_card_input("q", "d")]
+
+
+async def test_a_model_list_that_could_not_be_read_is_read_again_soon(
+        client: Any, fake_infinity: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(proxy.ServedModels, "RETRY_SECONDS", 0.0)  # read again at once: no waiting here
+    fake_infinity.models, fake_infinity.cross_encoders = ["ce"], {"ce"}
+    fake_infinity.models_status = 503
+    assert (await rerank(client, {"query": "q", "documents": ["d"], "model": "ce"}))[0] == 200
+    assert fake_infinity.rerank_bodies == []  # not known to be a cross-encoder: prompts
+    fake_infinity.models_status = 200
+    assert (await rerank(client, {"query": "q", "documents": ["d"], "model": "ce"}))[0] == 200
+    assert len(fake_infinity.rerank_bodies) == 1
+
+
+async def test_a_cross_encoder_score_beyond_any_float_is_502(client: Any, fake_infinity: Any) -> None:
+    fake_infinity.models, fake_infinity.cross_encoders = ["ce"], {"ce"}
+
+    async def huge_integer(request: web.Request) -> web.Response | None:
+        if request.path.endswith("/rerank"):
+            return web.Response(body=b'{"results":[{"index":0,"relevance_score":' + b"9" * 400 + b"}]}",
+                                content_type="application/json")
+        return None
+
+    fake_infinity.fault = huge_integer
+    status, answer = await rerank(client, {"query": "q", "documents": ["a"]})
+    assert_error(status, answer, 502, "not a number")
+
+
+async def test_a_cross_encoder_document_utf8_cannot_carry_is_400_naming_it(client: Any, fake_infinity: Any) -> None:
+    fake_infinity.models, fake_infinity.cross_encoders = ["ce"], {"ce"}
+    status, answer = await client.post("/v1/rerank", data=b'{"query":"q","documents":["a","b\\ud800"]}'), None
+    answer = await status.json()
+    assert_error(status.status, answer, 400, "surrogate", param="documents[1]")
+    assert fake_infinity.rerank_bodies == []
+
+
+async def test_a_utf16_body_of_too_many_values_is_refused_as_its_utf8_would_be(client: Any) -> None:
+    body = '{"query":"q","documents":["d"],"x":"\\"","y":[' + "[]," * 2_000_000 + '[]],"z":""}'
+    for encoding in ("utf-8", "utf-16-le"):
+        response = await client.post("/v1/rerank", data=body.encode(encoding))
+        assert response.status == 400, encoding
+        assert "JSON values" in (await response.json())["error"]["message"]
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ({"document_line": "{document}{document!s}"}, ["document_line", "{document}"]),
+    ({"document_line": "document: {document:>2}\n"}, ["document_line"]),
+    ({"query_line": "{query}{query.__len__}"}, ["query_line"]),
+    ({"max_tokens": 10}, ["template mxbai-rerank-v2", "max_tokens"]),
+])
+def test_a_template_that_would_fail_every_request_stops_the_proxy_at_start(
+        tmp_path: Any, capsys: pytest.CaptureFixture[str], change: dict[str, Any], words: list[str]) -> None:
+    path = template_file(tmp_path, {**MXBAI_AS_A_FILE, **change})
+    with pytest.raises(SystemExit):
+        proxy.load_config(["--template-file", path], environ={})
+    error = capsys.readouterr().err
+    for word in words:
+        assert word in error, (word, error)
+
+
+async def test_a_file_that_redeclares_the_default_template_replaces_it_for_every_model(
+        make_proxy: Any, fake_infinity: Any, tmp_path: Any) -> None:
+    client = await make_proxy(template_file=template_file(tmp_path, {**MXBAI_AS_A_FILE, "prefix": "NEW:"}))
+    await rerank(client, {"query": "q", "documents": ["d"], "model": "some-other-model"})
+    assert fake_infinity.inputs[0].startswith("NEW:query: q\n")
