@@ -1045,8 +1045,10 @@ def plan_prompts(request: RerankRequest, config: Config, counter: TokenCounter =
               - counter.count(query) - (counter.count(instruction) if instruction else 0))
     texts = request.texts
     longest = max(map(len, texts), default=0)
+    # The common case, seen in C-level passes: no text needs a look of its own, as none can pass the budget (an
+    # ASCII character is one byte; NFC makes at most 3 characters of one, of at most 4 bytes each in UTF-8).
     if (request.max_tokens_per_doc is None and longest <= min(config.max_doc_chars, budget)
-            and all(map(str.isascii, texts)) and len(set(texts)) == len(texts)):
+            and (12 * longest <= budget or all(map(str.isascii, texts))) and len(set(texts)) == len(texts)):
         return ClassifyPlan(template, head, texts, None)
     index_of: dict[str, int] = {}
     unique: list[str] = []
