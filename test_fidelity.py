@@ -113,11 +113,6 @@ def library(models: Models) -> Library:
 
 
 @pytest.fixture(scope="module")
-def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("fidelity-logs")
-
-
-@pytest.fixture(scope="module")
 def batched_infinity(models: Models, logs: Path) -> Iterator[Server]:
     """Infinity's default batch size (32): concurrent inputs are padded into one batch."""
     yield from running_infinity([(models.seq, SEQ), (models.seq_im_end, SEQ_IM_END)], logs, "infinity-batched")

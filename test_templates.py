@@ -181,11 +181,6 @@ def card(models: Models) -> Card:
 
 
 @pytest.fixture(scope="module")
-def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("templates-logs")
-
-
-@pytest.fixture(scope="module")
 def infinity(models: Models, logs: Path) -> Iterator[Server]:
     """One Infinity serving all three: two through /classify, the cross-encoder through /rerank."""
     yield from running_infinity([(models.qwen3_seq, QWEN3), (models.mxbai_seq, MXBAI),
