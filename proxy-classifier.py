@@ -1150,13 +1150,18 @@ def log_odds(p: float) -> float:
     return math.log(p) - math.log1p(-p)
 
 
-def label_log_odds(answer: Any, positive_label: str) -> tuple[list[float], int]:
-    """One input's log-odds from both sides of Infinity's answer, ln(p) - ln(the other labels' p): near p = 1
-    the other side's small probability keeps the float32 precision that 1 - p has lost."""
-    [p], tokens = positive_probabilities(answer, 1, positive_label)  # checks the answer's shape
-    rest = sum(label["score"] for label in answer["data"][0] if isinstance(label, dict)
+def both_sides(p: float, labels: list[Any], positive_label: str) -> float:
+    rest = sum(label["score"] for label in labels if isinstance(label, dict)
                and label.get("label") != positive_label and type(label.get("score")) in (int, float))
-    return [math.log(max(p, 1e-300)) - math.log(rest) if 0 < rest < 1 else log_odds(p)], tokens
+    return math.log(max(p, 1e-300)) - math.log(rest) if 0 < rest < 1 else log_odds(p)
+
+
+def label_log_odds(answer: Any, expected: int, positive_label: str) -> tuple[list[float], int]:
+    """Each input's log-odds from both sides of Infinity's answer, ln(p) - ln(the other labels' p): Infinity's
+    probabilities are float32, and near p = 1 the other side's small probability keeps the precision that 1 - p
+    has lost (at a log-odds of +15, 1 - p is off by a fifth)."""
+    probabilities, tokens = positive_probabilities(answer, expected, positive_label)  # checks the answer's shape
+    return [both_sides(p, labels, positive_label) for p, labels in zip(probabilities, answer["data"], strict=True)], tokens
 
 
 def cross_encoder_bodies(request: RerankRequest, batch_size: int) -> list[tuple[bytes, int]]:
@@ -1189,14 +1194,12 @@ def cross_encoder_scores(answer: Any, expected: int) -> tuple[list[float], int]:
     return scores, prompt_tokens(answer)  # type: ignore[return-value]
 
 
-def document_scores(plan: ClassifyPlan, prompt_scores: list[float], raw_scores: bool) -> list[float]:
-    """A chunked document scores as its best chunk."""
+def document_scores(plan: ClassifyPlan, prompt_scores: list[float]) -> list[float]:
+    """A chunked document scores as its best chunk (probabilities and log-odds rank alike)."""
     if plan.chunks_by_document is None:
-        best = prompt_scores
-    else:
-        best = [prompt_scores[ids[0]] if len(ids) == 1 else max(prompt_scores[i] for i in ids)
-                for ids in plan.chunks_by_document]
-    return [log_odds(p) for p in best] if raw_scores else best
+        return prompt_scores
+    return [prompt_scores[ids[0]] if len(ids) == 1 else max(prompt_scores[i] for i in ids)
+            for ids in plan.chunks_by_document]
 
 
 def ranked(scores: list[float], top_n: int | None) -> list[int]:
@@ -1431,11 +1434,12 @@ class Infinity:
         return bool(self.config.api_key)
 
     async def classify(self, body: bytes, expected: int, headers: dict[str, str], positive_label: str,
-                       pooled: bool = True) -> tuple[list[float], int]:
-        """One /classify call: the positive label's probability for each input, and its tokens. A call made
-        once (the self-check) goes out unpooled: it leaves no idle connection to go stale in the pool."""
-        return await self.scored(self.classify_url, body, expected, headers, pooled,
-                                 lambda answer: positive_probabilities(answer, expected, positive_label))
+                       raw: bool = False) -> tuple[list[float], int]:
+        """One /classify call: the positive label's probability for each input (its log-odds when `raw`), and
+        the call's tokens."""
+        read = label_log_odds if raw else positive_probabilities
+        return await self.scored(self.classify_url, body, expected, headers, True,
+                                 lambda answer: read(answer, expected, positive_label))
 
     async def rerank(self, body: bytes, expected: int, headers: dict[str, str]) -> tuple[list[float], int]:
         """One call to Infinity's own /rerank (a cross-encoder): each document's score, in the documents' order."""
@@ -1694,7 +1698,7 @@ class AnchorChecks:
         async def log_odds_of(text: str) -> float:
             body = json_dumps({"model": model, "input": [text]})
             [score], _ = await self.infinity.scored(self.infinity.classify_url, body, 1, {**headers, **INTERNAL},
-                                                    False, lambda answer: label_log_odds(answer, label))
+                                                    False, lambda answer: label_log_odds(answer, 1, label))
             return score
 
         bare = await log_odds_of(template.prompt(*ANCHOR_PROBE).rstrip())
@@ -1974,8 +1978,8 @@ async def scores_of_prompts(request: web.Request, rerank_request: RerankRequest,
     stats.upstream_calls = len(calls)  # all start at once: a failed request's log line shows them too
     label = config.positive_label or template.positive_label
     prompt_scores, tokens = await Infinity.all_scores(
-        [app[INFINITY].classify(body, inputs, headers, label) for body, inputs in calls])
-    return document_scores(plan, prompt_scores, rerank_request.raw_scores), tokens
+        [app[INFINITY].classify(body, inputs, headers, label, rerank_request.raw_scores) for body, inputs in calls])
+    return document_scores(plan, prompt_scores), tokens
 
 
 async def scores_of_cross_encoder(request: web.Request, rerank_request: RerankRequest,

@@ -165,6 +165,18 @@ async def test_raw_scores_are_log_odds_of_the_positive_label(client: Any, fake_i
     assert got[2] == pytest.approx(math.log(0.1 / 0.9))
 
 
+async def test_raw_scores_near_certainty_keep_their_precision_from_the_other_label(
+        client: Any, fake_infinity: Any) -> None:
+    # Infinity's probabilities are float32: at a log-odds of 15, p rounds to 1.0 while the other label keeps its
+    # own 3.059e-7 exactly. ln(p) - ln(1 - p) would say 27.6 (clamped); both sides say 15.
+    fake_infinity.labels = lambda p1: [{"label": "1", "score": 1.0}, {"label": "0", "score": 3.059023205018258e-07}]
+    status, answer = await rerank(client, {"query": "q", "documents": ["a"], "raw_scores": True})
+    assert status == 200
+    assert answer["results"][0]["relevance_score"] == pytest.approx(15.0, abs=1e-6)
+    status, answer = await rerank(client, {"query": "q", "documents": ["a"]})
+    assert answer["results"][0]["relevance_score"] == 1.0
+
+
 def test_raw_score_of_certainty_is_finite() -> None:
     assert proxy.log_odds(1.0) == pytest.approx(math.log(1 - 1e-12) - math.log(1e-12))
     assert proxy.log_odds(0.0) == pytest.approx(-proxy.log_odds(1.0))

@@ -17,6 +17,7 @@ import asyncio
 import faulthandler
 import gzip
 import json
+import math
 import signal
 import socket
 import time
@@ -640,6 +641,11 @@ def as_json_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
+def two_label_log_odds(p1: float) -> float:
+    """The log-odds the proxy reads from the fake's two labels, p1 and 1 - p1: ln(p1) - ln(1 - p1)."""
+    return math.log(p1) - math.log(1.0 - p1) if 0 < p1 and 0 < 1.0 - p1 < 1 else proxy.log_odds(p1)
+
+
 def expected_results(body: dict[str, Any], config: Any) -> list[tuple[int, float]]:
     """The contract's answer for a body the proxy accepted, for the short texts generated here."""
     instruction = body.get("instruction") or ""
@@ -655,7 +661,7 @@ def expected_results(body: dict[str, Any], config: Any) -> list[tuple[int, float
         if body.get("max_tokens_per_doc") is not None:
             text = text[: 3 * body["max_tokens_per_doc"]]
         p1 = hashed_probability(proxy.prompt_for(body["query"][: config.max_query_chars], text, instruction))
-        scores.append(proxy.log_odds(p1) if body.get("raw_scores") else p1)
+        scores.append(two_label_log_odds(p1) if body.get("raw_scores") else p1)
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
     top_n = body.get("top_n")
     return [(i, scores[i]) for i in (order[:top_n] if top_n and top_n > 0 else order)]

@@ -53,7 +53,7 @@ def steps(documents: int, config: Any) -> dict[str, Any]:
                + b'],"usage":{"prompt_tokens":1,"total_tokens":1}}' for _, inputs in calls]
     scores = [s for raw, (_, inputs) in zip(answers, calls, strict=True)
               for s in proxy.positive_probabilities(proxy.json_loads(raw, strict=False), inputs, "1")[0]]
-    document_scores = proxy.document_scores(plan, scores, False)
+    document_scores = proxy.document_scores(plan, scores)
     return {
         "read the body": lambda: proxy.decode_body(load.rerank_body),
         "check it": lambda: proxy.parse_rerank(body, config),
@@ -62,7 +62,7 @@ def steps(documents: int, config: Any) -> dict[str, Any]:
         "read Infinity's answers": lambda: [proxy.positive_probabilities(proxy.json_loads(raw, strict=False),
                                                                          inputs, "1")
                                            for raw, (_, inputs) in zip(answers, calls, strict=True)],
-        "score the documents": lambda: proxy.document_scores(plan, scores, False),
+        "score the documents": lambda: proxy.document_scores(plan, scores),
         "write the answer": lambda: proxy.json_dumps(proxy.infinity_answer(request, document_scores, 1)),
     }
 
