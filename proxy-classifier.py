@@ -35,7 +35,7 @@ import unicodedata
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import prometheus_client
 from aiohttp import ClientSession, ClientTimeout, HttpVersion11, TCPConnector, TraceConfig, client_exceptions, web
@@ -62,6 +62,7 @@ if not SPEEDUPS_OFF:
     with contextlib.suppress(ImportError):
         import uvloop
 
+
 # --------------------------------------------------------------------------------------------
 # 1. What the models expect: each reranker family's prompt as data, the one function that renders
 #    it, and how many tokens a text takes. A family is an entry here, never a branch in the request path.
@@ -70,9 +71,9 @@ if not SPEEDUPS_OFF:
 
 @dataclass(frozen=True)
 class Template:
-    """A causal-LM reranker's prompt, in named pieces, as its authors' code joins them:
-    prefix, [instruction line], query line, document line, suffix. The model answers at the
-    suffix's last token; converted to a two-label classifier it is served by Infinity's /classify."""
+    """A causal-LM reranker's prompt, in named pieces, as its authors' code joins them: prefix, [instruction
+    line], query line, document line, suffix. The model answers at the suffix's last token; converted to a
+    two-label classifier it is served by Infinity's /classify."""
 
     name: str
     prefix: str
@@ -93,9 +94,13 @@ class Template:
     max_tokens: int = 8192  # the longest prompt the model scores; its authors' code never passes it
     models: tuple[str, ...] = ()  # without --template, a model whose name holds one of these (any case) uses it
 
+    def has_line(self, instruction: str) -> bool:
+        """Whether a prompt with this instruction has an instruction line."""
+        return bool(instruction) or not self.instruction_optional
+
     def head(self, query: str, instruction: str) -> str:
         """Everything before the document: the same for every prompt of one request."""
-        line = self.instruction_line.format(instruction=instruction) if instruction or not self.instruction_optional else ""
+        line = self.instruction_line.format(instruction=instruction) if self.has_line(instruction) else ""
         return self.prefix + line + self.query_line.format(query=query) + self.document_parts[0]
 
     @functools.cached_property
@@ -108,12 +113,9 @@ class Template:
         """Everything after the document, without the anchor: the same for every prompt."""
         return self.document_parts[1] + self.suffix
 
-    def has_line(self, instruction: str) -> bool:
-        """Whether a prompt with this instruction has an instruction line."""
-        return bool(instruction) or not self.instruction_optional
-
     def prompt(self, query: str, document: str, instruction: str = "") -> str:
         """The exact text the model was trained to score for one query and one document."""
+        return self.head(query, instruction) + document + self.tail
         return self.head(query, instruction) + document + self.tail
 
 
@@ -168,25 +170,18 @@ def template_for(templates: dict[str, Template], chosen: str, *names: str) -> Te
     return templates.get(DEFAULT_TEMPLATE.name, DEFAULT_TEMPLATE)
 
 
-TEMPLATE_FIELDS = {"name": str, "prefix": str, "instruction_line": str, "query_line": str, "document_line": str,
-                   "suffix": str, "positive_label": str, "labels": list, "default_instruction": str,
-                   "instruction_optional": bool, "anchors": list, "special_tokens": list, "max_tokens": int,
-                   "models": list}
+# A template file's fields and their JSON types, from Template's own (a tuple is a JSON list); those without a default
+# are required.
+TEMPLATE_FIELDS = {field.name: {"str": str, "bool": bool, "int": int}.get(field.type, list)
+                   for field in dataclasses.fields(Template)}
+REQUIRED_FIELDS = [field.name for field in dataclasses.fields(Template) if field.default is dataclasses.MISSING]
 PLACEHOLDERS = {"instruction_line": "instruction", "query_line": "query", "document_line": "document"}
 
 
 def json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         return f"the number {value!r}"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    return "an object"
+    return {type(None): "null", bool: "a boolean", str: "a string", list: "a list"}.get(type(value), "an object")
 
 
 def template_from_entry(entry: Any, where: str) -> Template:
@@ -200,8 +195,7 @@ def template_from_entry(entry: Any, where: str) -> Template:
             raise ValueError(f"{where}.{field} must be a {kind.__name__}, got {json_type(value)}")
         if kind is list and not all(isinstance(item, str) and item for item in value):
             raise ValueError(f"{where}.{field} must be a list of non-empty strings")
-    missing = [f for f in ("name", "prefix", "instruction_line", "query_line", "document_line", "suffix",
-                           "positive_label", "labels") if f not in entry]
+    missing = [field for field in REQUIRED_FIELDS if field not in entry]
     if missing:
         raise ValueError(f"{where} lacks {', '.join(missing)}")
     for field, placeholder in PLACEHOLDERS.items():
@@ -253,97 +247,9 @@ def classify_input(query: str, document: str, instruction: str = "", anchor: str
     return template.prompt(query, document, instruction) + anchor
 
 
-# The self-check (AnchorChecks.check): one fixed prompt, cut before its trailing whitespace so that it ends on
-# a token the model reads, scored bare and followed by the anchor. A model that skips the anchor as padding
-# reads the same token at the same position in both: the same score. One that reads it reads another token
-# (the anchor): another score, apart by whole units of log-odds on the test models (docs/how-it-works.md).
-# Comparing one anchor with two would not do: a model can score a pad token after itself almost as after
-# the prompt. The tolerance holds for fp16 on a GPU: an 11-bit significand leaves about 1e-3 relative error
-# on logits of magnitude up to ~30, some 0.03 on each and twice that on their difference, when the two
-# inputs are padded to different lengths.
-ANCHOR_PROBE = ("What is the boiling point of water at sea level?", "At sea level, water boils at 100 degrees Celsius.")
-ANCHOR_TOLERANCE = 0.1  # log-odds
-
-
-# The proxy's CPU goes mostly into JSON, and the template dwarfs a typical document. So the
-# classify body is written by hand: the fixed tail is JSON-escaped once per template and anchor, the
-# head once per request, and only the document once per prompt.
-_escape_json = json.encoder.encode_basestring  # str -> '"escaped"', C-accelerated
-_escape_ascii_json = json.encoder.encode_basestring_ascii  # the same for ASCII text, faster
-# No cycle check: every value it writes is a tree (parsed JSON, or built here), and skipping the check
-# saves about a quarter of writing an answer (timeit, 100 results).
-compact_json = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
-
-
-@functools.lru_cache(maxsize=64)
-def closing_tail(template: Template, anchor: str) -> bytes:
-    """The JSON-escaped tail, anchor and closing quote that end every input of one template and anchor."""
-    return (_escape_json(template.tail + anchor)[1:-1] + '"').encode()
-
-
 def template_overhead_chars(template: Template) -> int:
     """Characters of the longest prompt that are not the query, instruction or document."""
     return len(template.prompt("", "", "x")) - 1 + max(map(len, template.anchors))
-
-
-def stdlib_escaped_utf8(text: str) -> bytes:
-    """`text` JSON-escaped, without quotes, as UTF-8. Each part of a body is encoded on its own: one
-    document outside ASCII must not turn the whole body into a wide string that is then encoded
-    again (faster on text that is mostly ASCII). Raises UnicodeEncodeError for an
-    unpaired surrogate."""
-    return (_escape_ascii_json if text.isascii() else _escape_json)(text)[1:-1].encode("utf-8")
-
-
-def orjson_escaped_utf8(text: str) -> bytes:
-    """The same bytes, about 5 times faster (timeit, a 500-character passage); orjson refuses an unpaired surrogate, and the stdlib
-    escaper then raises the UnicodeEncodeError that names the document."""
-    try:
-        return orjson.dumps(text)[1:-1]
-    except orjson.JSONEncodeError:
-        return stdlib_escaped_utf8(text)
-
-
-def stdlib_escaped_utf8_each(texts: list[str]) -> list[bytes]:
-    return [stdlib_escaped_utf8(text) for text in texts]
-
-
-def orjson_escaped_utf8_each(texts: list[str]) -> list[bytes]:
-    """Each text escaped, with orjson called straight from one comprehension (faster than a
-    function call per text); on an unpaired surrogate, text by text to raise the error that names it."""
-    try:
-        return [orjson.dumps(text)[1:-1] for text in texts]
-    except orjson.JSONEncodeError:
-        return [orjson_escaped_utf8(text) for text in texts]
-
-
-escaped_utf8 = stdlib_escaped_utf8 if orjson is None else orjson_escaped_utf8
-escaped_utf8_each = stdlib_escaped_utf8_each if orjson is None else orjson_escaped_utf8_each
-
-
-# Infinity refuses an input over 122,880 characters (422) and 2048 inputs in one call.
-INFINITY_MAX_INPUT_CHARS = 122_880
-INFINITY_MAX_BATCH = 2048
-
-
-# --------------------------------------------------------------------------------------------
-# 2. Configuration: one frozen dataclass, filled from flags and environment variables here only.
-# --------------------------------------------------------------------------------------------
-
-# What one prompt costs in memory beyond its document's text (the template in its /classify body, the
-# objects that track it), measured: 10,000 one-word documents take about 14 MB in a body of 89 KB. Each
-# prompt counts as this many bytes against --max-pending-bytes, or a flood of such requests would pass
-# under a bound on bodies alone.
-PROMPT_BYTES = 1536
-CONNECT_TIMEOUT_SECONDS = 5.0  # an unreachable Infinity fails fast, whatever --timeout says
-# Probes must answer within what orchestrators wait (Kubernetes: 1 s by default), whatever Infinity does.
-LIVENESS_PROBE_SECONDS = 0.8
-READINESS_PROBE_SECONDS = 0.8
-
-
-def option(default: Any, text: str, secret: bool = False) -> Any:
-    """A Config field that is also a flag (--batch-size) and an environment variable (BATCH_SIZE): this
-    table alone drives argparse, the environment, the defaults and --help."""
-    return dataclasses.field(default=default, metadata={"help": text, "secret": secret})
 
 
 # Room for the few tokens that BPE merges can add where the pieces of a prompt meet.
@@ -446,6 +352,30 @@ class TokenCounter:
 UTF8_BOUND = TokenCounter()
 
 
+# --------------------------------------------------------------------------------------------
+# 2. Configuration: one frozen dataclass, filled from flags and environment variables here only.
+# --------------------------------------------------------------------------------------------
+
+# Infinity refuses an input over 122,880 characters (422) and 2048 inputs in one call.
+INFINITY_MAX_INPUT_CHARS = 122_880
+INFINITY_MAX_BATCH = 2048
+# What one prompt costs in memory beyond its document's text (the template in its /classify body, the
+# objects that track it), measured: 10,000 one-word documents take about 14 MB in a body of 89 KB. Each
+# prompt counts as this many bytes against --max-pending-bytes, or a flood of such requests would pass
+# under a bound on bodies alone.
+PROMPT_BYTES = 1536
+CONNECT_TIMEOUT_SECONDS = 5.0  # an unreachable Infinity fails fast, whatever --timeout says
+# Probes must answer within what orchestrators wait (Kubernetes: 1 s by default), whatever Infinity does.
+LIVENESS_PROBE_SECONDS = 0.8
+READINESS_PROBE_SECONDS = 0.8
+
+
+def option(default: Any, text: str, secret: bool = False, least: int | None = None) -> Any:
+    """A Config field that is also a flag (--batch-size) and an environment variable (BATCH_SIZE), with its
+    --help text and lowest value: this table alone drives argparse, the environment, the defaults and --help."""
+    return dataclasses.field(default=default, metadata={"help": text, "secret": secret, "least": least})
+
+
 def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -459,18 +389,20 @@ class Config:
     # Loopback unless told otherwise: a proxy with no --api-key must not be open to the network by accident.
     # The image sets HOST=0.0.0.0, where a container needs it.
     host: str = option("127.0.0.1", "address to listen on (0.0.0.0: every interface; then set --api-key)")
-    port: int = option(8002, "port to listen on")
+    port: int = option(8002, "port to listen on", least=0)
     infinity_url: str = option("http://localhost:7997/v1", "Infinity's base URL including its --url-prefix")
     model: str = option("michaelfeil/mxbai-rerank-base-v2-seq",
                         "model name sent to Infinity and echoed when a request names none")
     timeout: float = option(60.0, "seconds a whole rerank request may take, queueing included (else 504)")
-    batch_size: int = option(256, "prompts per /classify call (at most 2048)")
-    max_concurrency: int = option(64, "/classify calls in flight at once, over all requests")
-    max_documents: int = option(10_000, "documents allowed in one rerank request")
-    max_body_size: int = option(32 * 1024 * 1024, "bytes allowed in one request body (else 413)")
-    max_query_chars: int = option(4000, "a longer query is cut to this many characters")
-    max_doc_chars: int = option(8000, "a longer document is split into chunks of at most this many characters")
-    max_chunks_per_doc: int = option(10, "chunks of one document scored, when a request gives no max_chunks_per_doc")
+    batch_size: int = option(256, "prompts per /classify call (at most 2048)", least=1)
+    max_concurrency: int = option(64, "/classify calls in flight at once, over all requests", least=1)
+    max_documents: int = option(10_000, "documents allowed in one rerank request", least=1)
+    max_body_size: int = option(32 * 1024 * 1024, "bytes allowed in one request body (else 413)", least=1)
+    max_query_chars: int = option(4000, "a longer query is cut to this many characters", least=1)
+    max_doc_chars: int = option(8000, "a longer document is split into chunks of at most this many characters",
+                                least=1)
+    max_chunks_per_doc: int = option(10, "chunks of one document scored, when a request gives no max_chunks_per_doc",
+                                     least=1)
     template: str = option("", "the prompt template for every request (mxbai-rerank-v2, qwen3-reranker, or one of "
                            "--template-file); without it each request's model name chooses")
     template_file: str = option("", "a JSON file of templates that adds to or replaces the built-in ones "
@@ -487,7 +419,7 @@ class Config:
     log_level: str = option("INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL")
     # Chosen by measurement (docs/operations.md, "Limits"): with them the proxy's peak RSS under any flood stays well under 1 GiB.
     max_concurrent_requests: int = option(256, "requests handled at once; more are refused at once (429 "
-                                          "overloaded_error)")
+                                          "overloaded_error)", least=1)
     max_pending_bytes: int = option(64 * 1024 * 1024, f"bytes of request bodies, and {PROMPT_BYTES} a prompt plus "
                                     "its query and instruction, held at once; more are refused at once (429 "
                                     "overloaded_error)")
@@ -515,19 +447,17 @@ class Config:
             raise ValueError(f"--log-level must be DEBUG, INFO, WARNING, ERROR or CRITICAL (got {self.log_level!r})")
 
     def check_numbers(self) -> None:
-        lowest = {"port": 0, "batch_size": 1, "max_concurrency": 1, "max_documents": 1, "max_body_size": 1,
-                  "max_query_chars": 1, "max_doc_chars": 1, "max_chunks_per_doc": 1, "max_concurrent_requests": 1}
-        for name, low in lowest.items():
-            if not getattr(self, name) >= low:
-                raise ValueError(f"{flag_of(name)} must be at least {low} (got {getattr(self, name)})")
+        for field in dataclasses.fields(self):
+            value, least = getattr(self, field.name), field.metadata["least"]
+            if least is not None and not value >= least:
+                raise ValueError(f"{flag_of(field.name)} must be at least {least} (got {value})")
+            if field.type == "float" and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{flag_of(field.name)} must be a positive number of seconds (got {value:g})")
         if self.port > 65535:
             raise ValueError(f"--port must be at most 65535 (got {self.port})")
         if self.batch_size > INFINITY_MAX_BATCH:
             raise ValueError(f"--batch-size must be at most {INFINITY_MAX_BATCH}, Infinity's "
                              f"INFINITY_MAX_CLIENT_BATCH_SIZE (got {self.batch_size})")
-        for name in ("timeout", "client_timeout"):
-            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
-                raise ValueError(f"{flag_of(name)} must be a positive number of seconds (got {getattr(self, name):g})")
 
     def check_prompts(self) -> None:
         templates = templates_from_file(self.template_file)
@@ -567,10 +497,17 @@ OPTIONS: list[tuple[str, type, str]] = [
 SECRET_OPTIONS = {flag_of(field.name) for field in dataclasses.fields(Config) if field.metadata["secret"]}
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A mistake in the options is one line that names it and where the options are, not 20 lines of usage first."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message}; {self.prog} --help lists every option\n")
+
+
 def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Config:
     """Flags win over environment variables, which win over the defaults."""
     environ = dict(os.environ if environ is None else environ)
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="proxy-classifier.py",
         description="Rerank proxy: serves /rerank, /v1/rerank and /v2/rerank over Infinity's /classify for LLM "
         "rerankers (mxbai-rerank-v2, Qwen3-Reranker). Every option can also be set by the environment variable shown.")
@@ -708,6 +645,50 @@ def orjson_loads(raw: bytes, strict: bool = True) -> Any:
     return stdlib_json_loads(raw) if strict and holds_huge_number(value) else value
 
 
+# The proxy's CPU goes mostly into JSON, and the template dwarfs a typical document. So the
+# classify body is written by hand: the fixed tail is JSON-escaped once per template and anchor, the
+# head once per request, and only the document once per prompt.
+_escape_json = json.encoder.encode_basestring  # str -> '"escaped"', C-accelerated
+_escape_ascii_json = json.encoder.encode_basestring_ascii  # the same for ASCII text, faster
+# No cycle check: every value it writes is a tree (parsed JSON, or built here), and skipping the check
+# saves about a quarter of writing an answer (timeit, 100 results).
+compact_json = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+
+
+def stdlib_escaped_utf8(text: str) -> bytes:
+    """`text` JSON-escaped, without quotes, as UTF-8. Each part of a body is encoded on its own: one
+    document outside ASCII must not turn the whole body into a wide string that is then encoded
+    again (faster on text that is mostly ASCII). Raises UnicodeEncodeError for an
+    unpaired surrogate."""
+    return (_escape_ascii_json if text.isascii() else _escape_json)(text)[1:-1].encode("utf-8")
+
+
+def orjson_escaped_utf8(text: str) -> bytes:
+    """The same bytes, about 5 times faster (timeit, a 500-character passage); orjson refuses an unpaired surrogate, and the stdlib
+    escaper then raises the UnicodeEncodeError that names the document."""
+    try:
+        return orjson.dumps(text)[1:-1]
+    except orjson.JSONEncodeError:
+        return stdlib_escaped_utf8(text)
+
+
+def stdlib_escaped_utf8_each(texts: list[str]) -> list[bytes]:
+    return [stdlib_escaped_utf8(text) for text in texts]
+
+
+def orjson_escaped_utf8_each(texts: list[str]) -> list[bytes]:
+    """Each text escaped, with orjson called straight from one comprehension (faster than a
+    function call per text); on an unpaired surrogate, text by text to raise the error that names it."""
+    try:
+        return [orjson.dumps(text)[1:-1] for text in texts]
+    except orjson.JSONEncodeError:
+        return [orjson_escaped_utf8(text) for text in texts]
+
+
+escaped_utf8 = stdlib_escaped_utf8 if orjson is None else orjson_escaped_utf8
+escaped_utf8_each = stdlib_escaped_utf8_each if orjson is None else orjson_escaped_utf8_each
+
+
 def stdlib_json_dumps(value: Any) -> bytes:
     return compact_json(value).encode()
 
@@ -722,8 +703,6 @@ def orjson_dumps(value: Any) -> bytes:
 
 
 json_loads = stdlib_json_loads if orjson is None else orjson_loads
-
-
 json_dumps = stdlib_json_dumps if orjson is None else orjson_dumps
 
 
@@ -1081,6 +1060,12 @@ def document_param(plan: ClassifyPlan, batch: range) -> str:
     if plan.chunks_by_document is None:
         return f"documents[{bad}]"
     return f"documents[{next(d for d, ids in enumerate(plan.chunks_by_document) if bad in ids)}]"
+
+
+@functools.lru_cache(maxsize=64)
+def closing_tail(template: Template, anchor: str) -> bytes:
+    """The JSON-escaped tail, anchor and closing quote that end every input of one template and anchor."""
+    return (_escape_json(template.tail + anchor)[1:-1] + '"').encode()
 
 
 def classify_bodies(model: str, plan: ClassifyPlan, batch_size: int,
@@ -1641,6 +1626,18 @@ class ServedModels:
         if model not in self.capabilities and len(self.capabilities) == 1:
             [model] = self.capabilities
         return model, self.capabilities.get(model, frozenset())
+
+
+# The self-check (AnchorChecks.check): one fixed prompt, cut before its trailing whitespace so that it ends on
+# a token the model reads, scored bare and followed by the anchor. A model that skips the anchor as padding
+# reads the same token at the same position in both: the same score. One that reads it reads another token
+# (the anchor): another score, apart by whole units of log-odds on the test models (docs/how-it-works.md).
+# Comparing one anchor with two would not do: a model can score a pad token after itself almost as after
+# the prompt. The tolerance holds for fp16 on a GPU: an 11-bit significand leaves about 1e-3 relative error
+# on logits of magnitude up to ~30, some 0.03 on each and twice that on their difference, when the two
+# inputs are padded to different lengths.
+ANCHOR_PROBE = ("What is the boiling point of water at sea level?", "At sea level, water boils at 100 degrees Celsius.")
+ANCHOR_TOLERANCE = 0.1  # log-odds
 
 
 @dataclass(frozen=True)

@@ -1176,11 +1176,15 @@ def test_help_lists_every_option_with_its_environment_variable_and_default() -> 
     assert "default 8002" in flat and "default http://localhost:7997/v1" in flat and "default 60.0" in flat
 
 
-def test_bad_option_exits_non_zero_at_start() -> None:
-    result = subprocess.run([sys.executable, str(ROOT / "proxy-classifier.py"), "--batch-size", "5000"],
+@pytest.mark.parametrize(("argv", "says"), [(["--batch-size", "5000"], "--batch-size must be at most 2048"),
+                                            (["--bacth-size", "8"], "unrecognized arguments: --bacth-size"),
+                                            (["--port"], "argument --port: expected one argument")])
+def test_a_bad_option_stops_the_proxy_with_one_line_naming_it_and_the_help(argv: list[str], says: str) -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "proxy-classifier.py"), *argv],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
-    assert "--batch-size must be at most 2048" in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert says in line and line.endswith("proxy-classifier.py --help lists every option"), line
 
 
 def test_run_as_a_script_without_host_the_proxy_listens_on_loopback_only() -> None:
