@@ -998,9 +998,7 @@ class ClassifyPlan:
     template: Template
     prompt_head: str  # everything before the document, the same for every prompt of the request
     unique_texts: list[str]  # distinct document chunks: each is scored once
-    # Indexes into unique_texts for each document; None when each document is one prompt of its own,
-    # in order (nothing chunked, nothing repeated): the common case needs no mapping.
-    chunks_by_document: list[list[int]] | None
+    chunks_by_document: list[list[int]]  # indexes into unique_texts for each document
 
 
 def fitted_query(query: str, instruction: str, template: Template, counter: TokenCounter) -> str:
@@ -1028,7 +1026,7 @@ def plan_prompts(request: RerankRequest, config: Config, counter: TokenCounter =
     # ASCII character is one byte; NFC makes at most 3 characters of one, of at most 4 bytes each in UTF-8).
     if (request.max_tokens_per_doc is None and longest <= min(config.max_doc_chars, budget)
             and (12 * longest <= budget or all(map(str.isascii, texts))) and len(set(texts)) == len(texts)):
-        return ClassifyPlan(template, head, texts, None)
+        return ClassifyPlan(template, head, texts, [[i] for i in range(len(texts))])
     index_of: dict[str, int] = {}
     unique: list[str] = []
     by_document: list[list[int]] = []
@@ -1057,8 +1055,6 @@ def classify_batches(plan: ClassifyPlan, batch_size: int) -> list[range]:
 def document_param(plan: ClassifyPlan, batch: range) -> str:
     """Which document holds the text that UTF-8 cannot carry (the error path only)."""
     bad = next(i for i in batch if not is_utf8(plan.unique_texts[i]))
-    if plan.chunks_by_document is None:
-        return f"documents[{bad}]"
     return f"documents[{next(d for d, ids in enumerate(plan.chunks_by_document) if bad in ids)}]"
 
 
@@ -1095,58 +1091,40 @@ def prompt_tokens(answer: dict[str, Any]) -> int:
     return tokens if is_integer(tokens) and 0 <= tokens < 2**64 else 0
 
 
-def positive_probabilities(answer: Any, expected: int, positive_label: str) -> tuple[list[float], int]:
-    """Each input's probability of the positive label, and the call's prompt tokens.
-    Infinity sorts each item's labels by score, so the order changes: look the label up by name."""
-    if not isinstance(answer, dict) or not isinstance(answer.get("data"), list):
-        raise RerankError(502, "Infinity's /classify answer has no 'data' list")
-    data = answer["data"]
-    if len(data) != expected:
-        raise RerankError(502, f"Infinity answered {len(data)} classifications for {expected} inputs")
-    try:  # Infinity's own shape (two labels an item, float scores) in few passes; anything else item by item
-        scores = [first["score"] if first["label"] == positive_label else
-                  second["score"] if second["label"] == positive_label else None for first, second in data]
-    except (TypeError, KeyError, ValueError):
-        scores = []
-    if (len(scores) == expected and set(map(type, scores)) <= {float}
-            and not math.isnan(sum(scores)) and 0.0 <= min(scores, default=0.0) and max(scores, default=1.0) <= 1.0):
-        return scores, prompt_tokens(answer)
-    scores = []
-    for item in data:
-        score = None
-        if isinstance(item, list):
-            for label in item:
-                if isinstance(label, dict) and label.get("label") == positive_label:
-                    score = label.get("score")
-                    break
-        if score is None:
-            raise RerankError(
-                502, f"Infinity's answer has no label {positive_label!r}: is the template right for this model "
-                "(--template, or a model name that names it), or --positive-label?")
-        if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0.0 <= score <= 1.0:
-            raise RerankError(502, f"Infinity answered a score that is not a probability: {score!r}")
-        scores.append(float(score))
-    return scores, prompt_tokens(answer)
-
-
 def log_odds(p: float) -> float:
     """mxbai's raw score: logit_1 - logit_0 for the two-label model, kept finite."""
     p = min(max(p, 1e-12), 1.0 - 1e-12)
     return math.log(p) - math.log1p(-p)
 
 
-def both_sides(p: float, labels: list[Any], positive_label: str) -> float:
-    rest = sum(label["score"] for label in labels if isinstance(label, dict)
-               and label.get("label") != positive_label and type(label.get("score")) in (int, float))
+def positive_score(item: Any, positive_label: str, raw: bool) -> float:
+    """One input's probability of the positive label, looked up by name (Infinity sorts an item's labels by score);
+    when `raw`, its log-odds from both sides, ln(p) - ln(the other labels' p): Infinity's probabilities are float32,
+    and near p = 1 the other side keeps the precision that 1 - p has lost (at +15, 1 - p is off by a fifth)."""
+    labels = item if isinstance(item, list) else []
+    p = next((label.get("score") for label in labels if isinstance(label, dict) and label.get("label") == positive_label),
+             None)
+    if p is None:
+        raise RerankError(502, f"Infinity's answer has no label {positive_label!r}: is the template right for this "
+                          "model (--template, or a model name that names it), or --positive-label?")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise RerankError(502, f"Infinity answered a score that is not a probability: {p!r}")
+    if not raw:
+        return float(p)
+    rest = sum(other["score"] for other in labels if isinstance(other, dict)
+               and other.get("label") != positive_label and type(other.get("score")) in (int, float))
     return math.log(max(p, 1e-300)) - math.log(rest) if 0 < rest < 1 else log_odds(p)
 
 
-def label_log_odds(answer: Any, expected: int, positive_label: str) -> tuple[list[float], int]:
-    """Each input's log-odds from both sides of Infinity's answer, ln(p) - ln(the other labels' p): Infinity's
-    probabilities are float32, and near p = 1 the other side's small probability keeps the precision that 1 - p
-    has lost (at a log-odds of +15, 1 - p is off by a fifth)."""
-    probabilities, tokens = positive_probabilities(answer, expected, positive_label)  # checks the answer's shape
-    return [both_sides(p, labels, positive_label) for p, labels in zip(probabilities, answer["data"], strict=True)], tokens
+def positive_probabilities(answer: Any, expected: int, positive_label: str,
+                           raw: bool = False) -> tuple[list[float], int]:
+    """Each input's probability of the positive label (its log-odds when `raw`), and the call's prompt tokens."""
+    if not isinstance(answer, dict) or not isinstance(answer.get("data"), list):
+        raise RerankError(502, "Infinity's /classify answer has no 'data' list")
+    data = answer["data"]
+    if len(data) != expected:
+        raise RerankError(502, f"Infinity answered {len(data)} classifications for {expected} inputs")
+    return [positive_score(item, positive_label, raw) for item in data], prompt_tokens(answer)
 
 
 def cross_encoder_bodies(request: RerankRequest, batch_size: int) -> list[tuple[bytes, int]]:
@@ -1181,8 +1159,6 @@ def cross_encoder_scores(answer: Any, expected: int) -> tuple[list[float], int]:
 
 def document_scores(plan: ClassifyPlan, prompt_scores: list[float]) -> list[float]:
     """A chunked document scores as its best chunk (probabilities and log-odds rank alike)."""
-    if plan.chunks_by_document is None:
-        return prompt_scores
     return [prompt_scores[ids[0]] if len(ids) == 1 else max(prompt_scores[i] for i in ids)
             for ids in plan.chunks_by_document]
 
@@ -1422,9 +1398,8 @@ class Infinity:
                        raw: bool = False) -> tuple[list[float], int]:
         """One /classify call: the positive label's probability for each input (its log-odds when `raw`), and
         the call's tokens."""
-        read = label_log_odds if raw else positive_probabilities
         return await self.scored(self.classify_url, body, expected, headers, True,
-                                 lambda answer: read(answer, expected, positive_label))
+                                 lambda answer: positive_probabilities(answer, expected, positive_label, raw))
 
     async def rerank(self, body: bytes, expected: int, headers: dict[str, str]) -> tuple[list[float], int]:
         """One call to Infinity's own /rerank (a cross-encoder): each document's score, in the documents' order."""
@@ -1695,7 +1670,7 @@ class AnchorChecks:
         async def log_odds_of(text: str) -> float:
             body = json_dumps({"model": model, "input": [text]})
             [score], _ = await self.infinity.scored(self.infinity.classify_url, body, 1, {**headers, **INTERNAL},
-                                                    False, lambda answer: label_log_odds(answer, 1, label))
+                                                    False, lambda answer: positive_probabilities(answer, 1, label, True))
             return score
 
         bare = await log_odds_of(template.prompt(*ANCHOR_PROBE).rstrip())

@@ -369,7 +369,7 @@ async def test_infinity_answers_beyond_what_orjson_reads_are_handled_alike(
 
 
 # ---------------------------------------------------------------------------------------------
-# The hot path's shortcuts read exactly what the item-by-item reading reads
+# Infinity's answers and the plan read as the contract says, whatever their shape
 # ---------------------------------------------------------------------------------------------
 
 
@@ -393,7 +393,7 @@ items = st.lists(labels | st.integers(), max_size=3) | st.just([{"label": "1", "
 
 @SETTINGS
 @given(data=st.lists(items, max_size=6), floats=st.lists(st.floats(0, 1), max_size=6))
-def test_infinity_answers_are_read_as_item_by_item(data: list[Any], floats: list[float]) -> None:
+def test_infinity_answers_are_read_as_the_first_positive_label_of_each_item(data: list[Any], floats: list[float]) -> None:
     # mostly Infinity's own shape (two labels, sorted by score), with odd items mixed in
     data = [[{"label": "1", "score": p}, {"label": "0", "score": 1 - p}][:: 1 if p > 0.5 else -1]
             for p in floats] + data
@@ -410,8 +410,7 @@ def test_infinity_answers_are_read_as_item_by_item(data: list[Any], floats: list
 def test_a_plan_without_chunks_or_repeats_maps_each_document_to_its_own_prompt(texts: list[str]) -> None:
     request = proxy.parse_rerank({"query": "q", "documents": texts}, proxy.Config(max_doc_chars=1000))
     plan = proxy.plan_prompts(request, proxy.Config(max_doc_chars=1000))
-    by_document = plan.chunks_by_document or [[i] for i in range(len(texts))]
-    assert [[plan.unique_texts[i] for i in ids] for ids in by_document] == [
+    assert [[plan.unique_texts[i] for i in ids] for ids in plan.chunks_by_document] == [
         proxy.chunks_of(text, 1000, 10) for text in texts]
     assert len(set(plan.unique_texts)) == len(plan.unique_texts)
 
