@@ -359,10 +359,9 @@ UTF8_BOUND = TokenCounter()
 # Infinity refuses an input over 122,880 characters (422) and 2048 inputs in one call.
 INFINITY_MAX_INPUT_CHARS = 122_880
 INFINITY_MAX_BATCH = 2048
-# What one prompt costs in memory beyond its document's text (the template in its /classify body, the
-# objects that track it), measured: 10,000 one-word documents take about 14 MB in a body of 89 KB. Each
-# prompt counts as this many bytes against --max-pending-bytes, or a flood of such requests would pass
-# under a bound on bodies alone.
+# What one prompt costs in memory beyond its document's text (the template in its /classify body, the objects that
+# track it), measured: 10,000 one-word documents take about 14 MB in a body of 89 KB. Each prompt counts as this many
+# bytes against --max-pending-bytes, or a flood of such requests would pass under a bound on bodies alone.
 PROMPT_BYTES = 1536
 CONNECT_TIMEOUT_SECONDS = 5.0  # an unreachable Infinity fails fast, whatever --timeout says
 # Probes must answer within what orchestrators wait (Kubernetes: 1 s by default), whatever Infinity does.
@@ -656,10 +655,9 @@ compact_json = json.JSONEncoder(separators=(",", ":"), check_circular=False).enc
 
 
 def stdlib_escaped_utf8(text: str) -> bytes:
-    """`text` JSON-escaped, without quotes, as UTF-8. Each part of a body is encoded on its own: one
-    document outside ASCII must not turn the whole body into a wide string that is then encoded
-    again (faster on text that is mostly ASCII). Raises UnicodeEncodeError for an
-    unpaired surrogate."""
+    """`text` JSON-escaped, without quotes, as UTF-8. Each part of a body is encoded on its own: one document outside
+    ASCII must not turn the whole body into a wide string that is then encoded again (faster on text that is mostly
+    ASCII). Raises UnicodeEncodeError for an unpaired surrogate."""
     return (_escape_ascii_json if text.isascii() else _escape_json)(text)[1:-1].encode("utf-8")
 
 
@@ -940,10 +938,9 @@ TRUNCATION_DIRECTIONS = ("left", "right")  # TEI's; Haystack sends "Left"/"Right
 
 
 def rerank_body_from_tei(body: dict[str, Any], config: Config) -> dict[str, Any]:
-    """Text-embeddings-inference's dialect ({"query", "texts"}) as a rerank body: the texts are the
-    documents and return_text is return_documents. TEI's own fields are checked here; the rest by
-    parse_rerank. truncate and truncation_direction have no effect: long texts are chunked as every
-    document is."""
+    """Text-embeddings-inference's dialect ({"query", "texts"}) as a rerank body: the texts are the documents and
+    return_text is return_documents. TEI's own fields are checked here; the rest by parse_rerank. truncate and
+    truncation_direction have no effect: long texts are chunked as every document is."""
     if body.get("documents") is not None:
         raise bad_request("give either 'texts' (TEI's rerank) or 'documents', not both", "texts")
     texts = optional_field(body, "texts", "list")
@@ -1358,10 +1355,9 @@ class Infinity:
 
     async def open(self) -> None:
         timeout = ClientTimeout(total=self.config.timeout, sock_connect=CONNECT_TIMEOUT_SECONDS)
-        # Room beyond --max-concurrency for probes and forwarded routes, which the semaphore does
-        # not bound; keep-alive pooling does the rest.
-        # Keep-alive below uvicorn's 5 s (Infinity's server): the proxy drops an idle connection
-        # before Infinity does, so stale ones stay rare. DNS answers are cached for aiohttp's default
+        # Room beyond --max-concurrency for probes and forwarded routes, which the semaphore does not bound;
+        # keep-alive pooling does the rest. Keep-alive below uvicorn's 5 s (Infinity's server): the proxy drops an
+        # idle connection before Infinity does, so stale ones stay rare. DNS answers are cached for aiohttp's default
         # 10 s only: a recreated Infinity container with a new address is found again quickly.
         connector = TCPConnector(limit=self.config.max_concurrency + 16, limit_per_host=0, keepalive_timeout=4)
         # No compressed answers: asked for none, and none decoded (bounded_answer refuses one).
@@ -1381,9 +1377,8 @@ class Infinity:
                 await session.close()
 
     def auth_headers(self, client_authorization: str | None) -> dict[str, str]:
-        """Without --api-key the client's own Authorization goes through as it came; with it, the
-        proxy vouches for the client and sends its own key (or none). The proxy never lends its
-        key to a client it has not checked."""
+        """Without --api-key the client's own Authorization goes through as it came; with it, the proxy vouches for
+        the client and sends its own key (or none). The proxy never lends its key to a client it has not checked."""
         if not self.config.api_key:
             return {"Authorization": client_authorization} if client_authorization else {}
         if self.config.infinity_api_key:
@@ -1603,14 +1598,13 @@ class ServedModels:
         return model, self.capabilities.get(model, frozenset())
 
 
-# The self-check (AnchorChecks.check): one fixed prompt, cut before its trailing whitespace so that it ends on
-# a token the model reads, scored bare and followed by the anchor. A model that skips the anchor as padding
-# reads the same token at the same position in both: the same score. One that reads it reads another token
-# (the anchor): another score, apart by whole units of log-odds on the test models (docs/how-it-works.md).
-# Comparing one anchor with two would not do: a model can score a pad token after itself almost as after
-# the prompt. The tolerance holds for fp16 on a GPU: an 11-bit significand leaves about 1e-3 relative error
-# on logits of magnitude up to ~30, some 0.03 on each and twice that on their difference, when the two
-# inputs are padded to different lengths.
+# The self-check (AnchorChecks.check): one fixed prompt, cut before its trailing whitespace so that it ends on a token
+# the model reads, scored bare and followed by the anchor. A model that skips the anchor as padding reads the same
+# token at the same position in both: the same score. One that reads it reads another token (the anchor): another
+# score, apart by whole units of log-odds on the test models (docs/how-it-works.md). Comparing one anchor with two
+# would not do: a model can score a pad token after itself almost as after the prompt. The tolerance holds for fp16 on
+# a GPU: an 11-bit significand leaves about 1e-3 relative error on logits of magnitude up to ~30, some 0.03 on each
+# and twice that on their difference, when the two inputs are padded to different lengths.
 ANCHOR_PROBE = ("What is the boiling point of water at sea level?", "At sea level, water boils at 100 degrees Celsius.")
 ANCHOR_TOLERANCE = 0.1  # log-odds
 
@@ -1773,9 +1767,8 @@ class Admission:
         stats.admitted = True
 
     def take(self, stats: RequestStats, more: int) -> None:
-        """More bytes for an admitted request: a chunked body as it arrives, its prompts once planned. A
-        request alone may pass the bound (its prompts can): else a request allowed by the other limits
-        could be refused for ever."""
+        """More bytes for an admitted request: a chunked body as it arrives, its prompts once planned. A request alone
+        may pass the bound (its prompts can): else a request allowed by the other limits could be refused for ever."""
         if self.bytes + more > self.max_bytes and self.bytes > stats.held_bytes:
             raise overloaded(f"the requests in hand ({self.bytes} bytes of bodies and prompts, {PROMPT_BYTES} a "
                              f"prompt and its query) and this one would pass --max-pending-bytes ({self.max_bytes})")
