@@ -703,12 +703,10 @@ def orjson_dumps(value: Any) -> bytes:
 json_loads = stdlib_json_loads if orjson is None else orjson_loads
 json_dumps = stdlib_json_dumps if orjson is None else orjson_dumps
 
-
 # Far deeper than any real document, and far enough below Python's recursion limit that encoding a
 # document again (its rank_fields lines, or the answer echoing it) cannot overflow the stack: the
 # parser accepts nesting almost up to that limit, and a RecursionError there would be a 500.
 MAX_DOCUMENT_NESTING = 64
-
 
 # A whole body: one fixed bound, below both parsers' own (orjson's 1024 levels; the stdlib's recursion
 # limit less the stack in use, about 950 in a handler), so that the status never depends on the parser.
@@ -735,15 +733,11 @@ def nesting_of(value: Any) -> int:
 # nesting, say) rather than how many values it has.
 VALUES_PER_DOCUMENT = 8
 
-
 BODY_BYTES_PER_VALUE = 16
-
 
 VALUES_COUNTED_FROM = 1 << 20  # body bytes
 
-
 _NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'",[{')))
-
 
 _STRUCTURE_IN_A_STRING = re.compile(rb'"([^"]*)"')  # quote pairs, empty strings too: they must pair up
 
@@ -861,7 +855,6 @@ def text_of(document: Any, index: int, rank_fields: list[str] | None) -> str:
 
 MAX_NAME_CHARS = 256  # a rank field's name, a model's
 
-
 MAX_RANK_FIELDS = 32
 
 
@@ -903,6 +896,14 @@ def at_least_one(body: dict[str, Any], name: str) -> int | None:
     return value
 
 
+def document_list(body: dict[str, Any], name: str, max_documents: int) -> list[Any]:
+    items = optional_field(body, name, "list")
+    if items is not None and len(items) > max_documents:
+        raise bad_request(f"too many {name}: {len(items)}, at most {max_documents} in one request; "
+                          "split them into several requests", name)
+    return items
+
+
 def parse_rerank(body: dict[str, Any], config: Config) -> RerankRequest:
     """Check every field of a rerank body (a 400 naming the first wrong one) and normalise it."""
     query = text_field(body, "query", config.max_query_chars, required=True, cut=True)
@@ -910,10 +911,7 @@ def parse_rerank(body: dict[str, Any], config: Config) -> RerankRequest:
         raise bad_request("'query' must not be empty or only whitespace", "query")
     if body.get("documents") is None:
         raise bad_request("'documents' is required: a list of strings or objects", "documents")
-    documents = optional_field(body, "documents", "list")
-    if len(documents) > config.max_documents:
-        raise bad_request(f"too many documents: {len(documents)}, at most {config.max_documents} in one request; "
-                          "split them into several requests", "documents")
+    documents = document_list(body, "documents", config.max_documents)
     rank_fields = checked_rank_fields(optional_field(body, "rank_fields", "list"))
     top_n = optional_field(body, "top_n", "integer")
     return_documents = optional_field(body, "return_documents", "boolean")
@@ -943,10 +941,7 @@ def rerank_body_from_tei(body: dict[str, Any], config: Config) -> dict[str, Any]
     truncation_direction have no effect: long texts are chunked as every document is."""
     if body.get("documents") is not None:
         raise bad_request("give either 'texts' (TEI's rerank) or 'documents', not both", "texts")
-    texts = optional_field(body, "texts", "list")
-    if len(texts) > config.max_documents:
-        raise bad_request(f"too many texts: {len(texts)}, at most {config.max_documents} in one request; "
-                          "split them into several requests", "texts")
+    texts = document_list(body, "texts", config.max_documents)
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise bad_request(f"texts[{i}] must be a string, got {json_type(text)}", f"texts[{i}]")
@@ -1729,7 +1724,6 @@ class RequestStats:
 
 STATS = web.RequestKey("stats", RequestStats)
 
-
 RETRY_OVERLOADED_SECONDS = "1"
 
 
@@ -1782,14 +1776,11 @@ class Admission:
 
 ADMISSION = web.AppKey("admission", Admission)
 
-
 # Why a request was refused or cut off, by its error type: rerank_proxy_rejected_total{reason}.
 REJECTED_AS = {"overloaded_error": "overloaded", "request_timeout_error": "client_timeout",
                "request_too_large": "too_large"}
 
-
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-
 
 METRICS_CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
 
@@ -1871,7 +1862,6 @@ MODELS = web.AppKey("models", ServedModels)
 TEMPLATE_SET = web.AppKey("templates", dict)
 REQUEST_ID = "X-Request-ID"
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
-
 
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a short printable token, safe in a log line as it is
 _UNSAFE_IN_LOG = re.compile(r'[\x00-\x20\x7f"\\]')
