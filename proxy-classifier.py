@@ -1514,6 +1514,9 @@ class Infinity:
         try:
             async with self.session.request(method, url, data=body or None, headers=headers,
                                             allow_redirects=False) as response:  # verbatim, redirects too
+                if response.status in (401, 403) and self.uses_own_key():  # the proxy's key: a 502, as for reranks
+                    raise self.failure(response.status, response.headers,
+                                       await bounded_answer(response, ANSWER_BYTES, url))
                 yield response
         except (client_exceptions.ClientError, asyncio.TimeoutError) as exc:
             raise self.unreachable(exc, url) from None
@@ -2054,8 +2057,6 @@ async def forward_to_infinity(request: web.Request, raw_path: str) -> web.Stream
     request[STATS].upstream_calls = 1
     async with infinity.forwarded(request.method, raw_path, request.rel_url.raw_query_string, body,
                                   forwarded_headers(request)) as answer:
-        if answer.status in (401, 403) and infinity.uses_own_key():  # the proxy's key: a 502, as for reranks
-            raise infinity.failure(answer.status, answer.headers, await bounded_answer(answer, ANSWER_BYTES, raw_path))
         response = web.StreamResponse(status=answer.status)
         copy_answer_headers(answer.headers, response, "Content-Encoding")  # never decoded here: passed on as is
         response.headers[REQUEST_ID] = request[REQUEST_ID_KEY]
@@ -2078,11 +2079,9 @@ async def models(request: web.Request) -> web.Response:
     """Infinity's model list, status and body verbatim, read whole (at most MODELS_ANSWER_BYTES)."""
     body = await read_body(request)
     infinity = request.app[INFINITY]
+    request[STATS].upstream_calls = 1
     status, answer_headers, answer = await infinity.forward(
         request.method, infinity.models_path, request.rel_url.raw_query_string, body, forwarded_headers(request))
-    request[STATS].upstream_calls = 1
-    if status in (401, 403) and infinity.uses_own_key():
-        raise infinity.failure(status, answer_headers, answer)  # the proxy's key: a 502, as for reranks
     response = web.Response(status=status, body=answer)
     copy_answer_headers(answer_headers, response)
     return response
