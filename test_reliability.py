@@ -49,6 +49,7 @@ from tests.helpers import (
     ProxyProcess,
     Upstream,
     answers,
+    assert_error,
     assert_ranked,
     classify_answer,
     costliest_accepted_body,
@@ -77,16 +78,6 @@ def hard_time_limit(request: pytest.FixtureRequest) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------
 # Asking and checking
 # ---------------------------------------------------------------------------------------------
-
-
-def assert_error(answer: Answer, status: int, error_type: str, *words: str, param: str | None = None) -> None:
-    assert answer.status == status, answer.body
-    assert answer.headers["Content-Type"].startswith("application/json")
-    assert isinstance(answer.body, dict) and set(answer.body) == {"error"}, answer.body  # no partial results
-    error = answer.body["error"]
-    assert error == {"message": error["message"], "type": error_type, "param": param, "code": status}
-    for word in words:
-        assert word in error["message"], (word, error["message"])
 
 
 def tasks_running_proxy_code() -> list[asyncio.Task[Any]]:

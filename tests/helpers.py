@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 import psutil
 import pytest
-from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
+from aiohttp import ClientResponse, ClientSession, ClientTimeout, ContentTypeError, TCPConnector, web
 
 from conftest import (
     LOADED_MACHINE_SLACK,
@@ -584,18 +584,40 @@ class Answer:
     seconds: float
 
 
-async def post(client: Any, body: Any, path: str = "/v1/rerank") -> Answer:
-    """POST a rerank body through a pytest-aiohttp client or a ClientSession with a base_url."""
-    data = body if isinstance(body, bytes) else json.dumps(body)
-    started = time.monotonic()
-    async with client.post(path, data=data) as response:
-        raw = await response.read()
-        headers = dict(response.headers)
+async def answer_of(response: ClientResponse, started: float) -> Answer:
+    """An aiohttp response read whole; its body parsed as aiohttp's response.json() parses it (None when the
+    answer does not say it is JSON, or is empty or not JSON); `seconds` counted from `started` (time.monotonic())."""
+    await response.read()
     try:
-        parsed = json.loads(raw)
-    except ValueError:
+        parsed = await response.json()
+    except (ContentTypeError, ValueError):
         parsed = None
-    return Answer(response.status, headers, parsed, time.monotonic() - started)
+    return Answer(response.status, dict(response.headers), parsed, time.monotonic() - started)
+
+
+async def send(client: Any, method: str, path: Any, body: Any = None, **kwargs: Any) -> Answer:
+    """Any call through a pytest-aiohttp client or a ClientSession with a base_url: a body that is not bytes or
+    text is sent as its JSON; `kwargs` (headers, json=...) go to aiohttp as they are."""
+    data = body if body is None or isinstance(body, (bytes, str)) else json.dumps(body)
+    started = time.monotonic()
+    async with client.request(method, path, data=data, **kwargs) as response:
+        return await answer_of(response, started)
+
+
+async def post(client: Any, body: Any, path: str = "/v1/rerank", **kwargs: Any) -> Answer:
+    """POST a rerank body (JSON-encoded unless bytes or text) through a pytest-aiohttp client or a ClientSession."""
+    return await send(client, "POST", path, body, **kwargs)
+
+
+def assert_error(answer: Answer, status: int, error_type: str, *words: str, param: str | None = None) -> None:
+    """The contract's JSON error, and nothing else: this status, type and param, and each word in the message."""
+    assert answer.status == status, answer.body
+    assert answer.headers["Content-Type"].startswith("application/json")
+    assert isinstance(answer.body, dict) and set(answer.body) == {"error"}, answer.body  # no partial results
+    error = answer.body["error"]
+    assert error == {"message": error["message"], "type": error_type, "param": param, "code": status}
+    for word in words:
+        assert word in error["message"], (word, error["message"])
 
 
 def expected_scores(query: str, documents: list[str], instruction: str = "") -> list[float]:
