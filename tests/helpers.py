@@ -264,6 +264,8 @@ def signal_server(proc: subprocess.Popen, sig: signal.Signals) -> None:
 
 
 def http_json(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """A call with the standard library, its body sent as JSON: the status and the answer's JSON, an error status
+    included (returned, not raised)."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method,
                                      headers={"Content-Type": "application/json", **(headers or {})})
@@ -274,10 +276,21 @@ def http_json(method: str, url: str, body: Any = None, headers: dict[str, str] |
         return exc.code, json.loads(exc.read())
 
 
-def rerank(base: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    status, answer = http_json("POST", base + path, body)
+def rerank_body(field: str, query: str, documents: list[str], **extra: Any) -> dict[str, Any]:
+    """A rerank request with its documents under `field`: "documents", or TEI's "texts"."""
+    return {"query": query, field: documents, **extra}
+
+
+def ok_json(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
+    """http_json held to a 200: the answer's JSON."""
+    status, answer = http_json(method, url, body, headers)
     assert status == 200, answer
     return answer
+
+
+def rerank(base: str, path: str, body: dict[str, Any]) -> Any:
+    """ok_json of a rerank body POSTed to the server at `base`."""
+    return ok_json("POST", base + path, body)
 
 
 def sigmoid(x: float) -> float:
