@@ -111,14 +111,6 @@ async def test_text_goes_into_the_prompt_verbatim_without_stripping(client: Any,
     assert fake_infinity.classify_bodies[0]["input"] == [proxy.classify_input("  padded query \n", "\tpadded doc  ")]
 
 
-async def test_blank_documents_are_scored_and_never_sent_as_empty_input(client: Any, fake_infinity: Any) -> None:
-    answer = await post(client, {"query": "q", "documents": ["", "   ", "\n"]})
-    assert answer.status == 200
-    assert sorted(r["index"] for r in answer.body["results"]) == [0, 1, 2]
-    assert fake_infinity.empty_inputs == 0
-    assert all(text.strip() for text in fake_infinity.inputs)
-
-
 # ---------------------------------------------------------------------------------------------
 # Scores
 # ---------------------------------------------------------------------------------------------

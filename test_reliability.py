@@ -894,10 +894,11 @@ async def test_a_query_of_only_whitespace_is_400(client: Any, fake_infinity: Fak
 
 async def test_documents_of_only_whitespace_are_scored_and_never_reach_infinity_empty(
         client: Any, fake_infinity: FakeInfinity) -> None:
-    body = {"query": QUERY, "documents": ["", " ", "    ", "\t\n", "\u3000", "\n\n\n"]}
+    body = {"query": QUERY, "documents": ["", " ", "   ", "    ", "\n", "\t\n", "\u3000", "\n\n\n"]}
     answer = await post(client, body)
     assert_ranked(answer, body)
     assert fake_infinity.empty_inputs == 0
+    assert all(text.strip() for text in fake_infinity.inputs)
 
 
 # ---------------------------------------------------------------------------------------------
