@@ -260,13 +260,16 @@ def test_a_base_url_ending_in_v1_serves_the_clients_that_append_rerank(example: 
 # --------------------------------------------------------------------------------------------
 
 
-def post_json(url: str, body: Any, headers: dict[str, str]) -> Any:
+def post_json_or_raise(url: str, body: Any, headers: dict[str, str]) -> Any:
+    """POST as the clients here do, unlike tests/helpers.http_json: only the headers given, and a status >= 400
+    raised (urllib's HTTPError), as their raise_for_status() raises it."""
     request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST", headers=headers)
     with LOCAL_HTTP.open(request, timeout=CALL_SECONDS) as response:  # raises on a status >= 400
         return json.loads(response.read())
 
 
-def get_json(url: str, headers: dict[str, str]) -> Any:
+def get_json_or_raise(url: str, headers: dict[str, str]) -> Any:
+    """GET as the clients here do: only the headers given, and a status >= 400 raised, as post_json_or_raise."""
     with LOCAL_HTTP.open(urllib.request.Request(url, headers=headers), timeout=CALL_SECONDS) as response:
         return json.loads(response.read())
 
@@ -277,7 +280,7 @@ def open_webui_scores(reranker_url: str, api_key: str, model: str, query: str, d
     document read back in index order."""
     payload = {"model": model, "query": query, "documents": documents, "top_n": len(documents)}
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"}
-    data = post_json(reranker_url, payload, headers)
+    data = post_json_or_raise(reranker_url, payload, headers)
     return [result["relevance_score"] for result in sorted(data["results"], key=lambda result: result["index"])]
 
 
@@ -302,7 +305,7 @@ def dify_model_type(server_url: str, api_key: str | None) -> tuple[str, int]:
     """Dify's TEI plugin (models/huggingface_tei, TeiHelper._get_tei_extra_parameter), when the model is
     added: GET {server_url}/info; the first key of model_type must be "reranker"; max_input_length becomes
     the model's context size."""
-    info = get_json(server_url.rstrip("/") + "/info", dify_headers(api_key))
+    info = get_json_or_raise(server_url.rstrip("/") + "/info", dify_headers(api_key))
     model_types = list(info.get("model_type", {}))
     assert model_types, "Dify: model_type is empty"
     return model_types[0], info.get("max_input_length", 512)
@@ -312,8 +315,8 @@ def dify_rerank(server_url: str, api_key: str | None, query: str, docs: list[str
                 top_n: int | None) -> list[dict[str, Any]]:
     """Dify's TEI rerank model (_invoke): POST {"query","texts","return_text":true} to {server_url}/rerank,
     then walk the answer in the server's order, keeping scores over the threshold, stopping at top_n."""
-    results = post_json(server_url.removesuffix("/") + "/rerank", {"query": query, "texts": docs, "return_text": True},
-                        dify_headers(api_key))
+    results = post_json_or_raise(server_url.removesuffix("/") + "/rerank",
+                                 {"query": query, "texts": docs, "return_text": True}, dify_headers(api_key))
     kept = []
     for result in results:
         document = {"index": result["index"], "text": result["text"], "score": result["score"]}
@@ -353,8 +356,8 @@ def ragflow_scores(base_url: str, query: str, texts: list[str]) -> list[float]:
     batch_size = 8
     for start in range(0, len(texts), batch_size):
         batch = texts[start:start + batch_size]
-        answer = post_json(endpoint, {"query": query, "texts": batch, "raw_scores": False, "truncate": True},
-                           {"Content-Type": "application/json"})
+        answer = post_json_or_raise(endpoint, {"query": query, "texts": batch, "raw_scores": False, "truncate": True},
+                                    {"Content-Type": "application/json"})
         for result in answer:
             scores[result["index"] + start] = result["score"]
     return scores

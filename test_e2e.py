@@ -188,7 +188,7 @@ def test_litellm_cohere_provider_with_max_chunks_per_doc_gets_the_proxys_ranking
 
 
 @pytest.mark.parametrize("return_documents", [True, False])
-def test_litellm_cohere_provider_with_max_chunks_per_doc_works_with_a_v2_api_base(
+def test_litellm_cohere_provider_with_max_chunks_per_doc_gets_the_proxys_ranking_through_a_v2_api_base(
         proxy_server: Server, served_model: str, litellm_rerank: Callable[..., Any],
         return_documents: bool) -> None:
     # The README's workaround: an api_base ending in /v2/rerank keeps that provider on Cohere's v2.

@@ -24,7 +24,6 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -41,11 +40,12 @@ from tests.helpers import (
     Server,
     build_tiny_causal_reranker,
     convert,
-    http_json,
     log_odds_approx,
     offline_tier,
+    ok_json,
     order_of,
     rerank,
+    rerank_body,
     running_infinity,
     running_proxy,
     scores_by_index,
@@ -141,10 +141,6 @@ def proxy_server(request: pytest.FixtureRequest) -> Server:
 
 
 ROUTES = [("/v1/rerank", "documents"), ("/v2/rerank", "documents"), ("/rerank", "documents"), ("/rerank", "texts")]
-
-
-def rerank_body(field: str, query: str, documents: list[str], **extra: Any) -> dict[str, Any]:
-    return {"query": query, field: documents, **extra}
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,15 +261,9 @@ def test_concurrent_requests_that_infinity_batches_together_score_as_the_library
 # --------------------------------------------------------------------------------------------
 
 
-def get_json(url: str) -> Any:
-    status, answer = http_json("GET", url)
-    assert status == 200, answer
-    return answer
-
-
 def test_a_model_that_pads_with_endoftext_is_checked_ok(batched_proxy: Server) -> None:
     rerank(batched_proxy.url, "/v1/rerank", {"query": "q", "documents": ["d"], "model": SEQ})
-    report = get_json(batched_proxy.url + "/health")["models"][SEQ]
+    report = ok_json("GET", batched_proxy.url + "/health")["models"][SEQ]
     assert report == {"template": "mxbai-rerank-v2", "anchor": EOT, "template_check": "ok"}
 
 
@@ -285,7 +275,7 @@ def test_a_model_that_pads_with_another_token_gets_that_anchor_and_the_librarys_
     got = scores_by_index(answer)
     for index, score in library.rank(query, PASSAGES):
         assert got[index] == log_odds_approx(score)
-    report = get_json(batched_proxy.url + "/health")["models"][SEQ_IM_END]
+    report = ok_json("GET", batched_proxy.url + "/health")["models"][SEQ_IM_END]
     assert report == {"template": "mxbai-rerank-v2", "anchor": IM_END, "template_check": "ok"}
     assert metric(batched_proxy, "rerank_proxy_template_check", SEQ_IM_END) == 1.0
 
@@ -305,9 +295,9 @@ def no_pad_proxy(single_infinity: Server, logs: Path) -> Iterator[Server]:
 
 def test_a_model_without_a_pad_token_is_reported_and_still_served(no_pad_proxy: Server, logs: Path) -> None:
     # /ready runs the check of --model; the proxy started by running_proxy has answered it already.
-    info = get_json(no_pad_proxy.url + "/info")
+    info = ok_json("GET", no_pad_proxy.url + "/info")
     assert info["template_check"].startswith("failed")
-    assert get_json(no_pad_proxy.url + "/health")["models"][SEQ_NO_PAD]["template_check"].startswith("failed")
+    assert ok_json("GET", no_pad_proxy.url + "/health")["models"][SEQ_NO_PAD]["template_check"].startswith("failed")
     assert metric(no_pad_proxy, "rerank_proxy_template_check", SEQ_NO_PAD) == 0.0
     log = (logs / "proxy-no-pad.log").read_text()
     (warning,) = [line for line in log.splitlines() if " WARNING " in line]

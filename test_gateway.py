@@ -144,7 +144,10 @@ class Answer:
         return self.headers.get("x-litellm-model-api-base", "")
 
 
-def call(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None) -> Answer:
+def timed_gateway_call(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None) -> Answer:
+    """A call to the gateway with its master key, unlike tests/helpers.http_json: when it was sent and answered,
+    its headers in lower case, a body that is not JSON kept as text, and no answer at all (a timeout) returned
+    as status 0, so that a run of calls counts it as a failed request rather than stopping."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method,
                                      headers={"Content-Type": "application/json", **AUTH, **(headers or {})})
@@ -165,7 +168,7 @@ def call(method: str, url: str, body: Any = None, headers: dict[str, str] | None
 
 
 def health(gateway_url: str) -> dict[str, Any]:
-    answer = call("GET", gateway_url + "/health")
+    answer = timed_gateway_call("GET", gateway_url + "/health")
     assert answer.status == 200, answer.body
     return answer.body
 
@@ -289,8 +292,9 @@ def test_gateway_health_reports_every_rerank_deployment_healthy(gateway: str, pa
 
 def test_gateway_refuses_a_call_without_the_master_key(gateway: str, pair_a: Pair) -> None:
     seen = pair_a.served(len(DOCUMENTS))
-    answer = call("POST", gateway + "/rerank", {"model": "mxbai-rerank", "query": QUERY, "documents": DOCUMENTS},
-                  headers={"Authorization": "Bearer sk-wrong"})
+    answer = timed_gateway_call("POST", gateway + "/rerank",
+                                {"model": "mxbai-rerank", "query": QUERY, "documents": DOCUMENTS},
+                                headers={"Authorization": "Bearer sk-wrong"})
     # Without a database LiteLLM cannot look the key up as a virtual key: 400 "No connected db.".
     assert answer.status in (400, 401), answer.body
     assert pair_a.served(len(DOCUMENTS)) == seen
@@ -305,7 +309,7 @@ def test_gateway_rerank_gets_the_models_own_scores(gateway: str, expected: dict[
     body = {"model": model_name, "query": QUERY, "documents": DOCUMENTS, "return_documents": return_documents}
     if top_n is not None:
         body["top_n"] = top_n
-    answer = call("POST", gateway + path, body)
+    answer = timed_gateway_call("POST", gateway + path, body)
     assert answer.status == 200, answer.body
     results = answer.body["results"]
     order = expected["order"][:top_n]
@@ -337,7 +341,7 @@ def assert_correct(answer: Answer, expected: dict[str, Any]) -> None:
 
 
 def rerank_through(gateway_url: str) -> Answer:
-    return call("POST", gateway_url + "/rerank", FAILOVER_BODY)
+    return timed_gateway_call("POST", gateway_url + "/rerank", FAILOVER_BODY)
 
 
 SPLIT_REQUESTS = 40

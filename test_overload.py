@@ -122,10 +122,6 @@ def assert_overloaded(status: int, headers: dict[str, str], body: Any, *words: s
         assert word in body["error"]["message"], (word, body["error"]["message"])
 
 
-def rerank_body(query: str, documents: list[str]) -> bytes:
-    return json.dumps({"query": query, "documents": documents}).encode()
-
-
 def admission(client: Any) -> Any:
     return client.server.app[proxy.ADMISSION]
 
@@ -151,7 +147,7 @@ async def test_a_request_over_max_concurrent_requests_is_429_at_once_without_its
     first = asyncio.create_task(post(client, GOOD))
     assert await eventually(lambda: fake_infinity.in_flight == 1)
     second = await RawClient.to(client)
-    await second.head(content_length=len(rerank_body(GOOD["query"], GOOD["documents"])))  # and never the body
+    await second.head(content_length=len(json.dumps(GOOD).encode()))  # and never the body
     status, headers, body = await second.answer()  # answered although its body never came
     assert_overloaded(status, headers, body, "--max-concurrent-requests")
     assert not first.done()
@@ -167,7 +163,8 @@ async def test_a_body_that_would_pass_max_pending_bytes_is_429_at_once_before_it
     await late.head(content_length=9_000)
     status, headers, body = await late.answer()
     assert_overloaded(status, headers, body, "--max-pending-bytes (15000)")
-    small = rerank_body("q", ["a", "b"])  # 1 KB-ish body and 2 prompts fit beside the 9,000 bytes held
+    # 1 KB-ish body and 2 prompts fit beside the 9,000 bytes held
+    small = json.dumps({"query": "q", "documents": ["a", "b"]}).encode()
     assert len(small) + 2 * proxy.PROMPT_BYTES + 9_000 <= 15_000
     ok = await client.post("/v1/rerank", data=small)
     assert ok.status == 200, await ok.text()
@@ -185,7 +182,7 @@ async def test_expect_100_continue_gets_continue_only_when_the_request_would_be_
     holder.close()
     assert await eventually(lambda: admission(client).requests == 0)
     welcome = await RawClient.to(client)
-    good = rerank_body(GOOD["query"], GOOD["documents"])
+    good = json.dumps(GOOD).encode()
     await welcome.head(content_length=len(good), extra="Expect: 100-continue\r\n")
     assert await asyncio.wait_for(welcome.reader.readline(), 5.0) == b"HTTP/1.1 100 Continue\r\n"
     assert await asyncio.wait_for(welcome.reader.readline(), 5.0) == b"\r\n"
@@ -223,7 +220,7 @@ async def test_a_chunked_body_within_the_bounds_is_answered_and_its_bytes_releas
     client = await serve()
     raw = await RawClient.to(client)
     await raw.head(chunked=True)
-    body = rerank_body(GOOD["query"], GOOD["documents"])
+    body = json.dumps(GOOD).encode()
     await raw.chunk(body[:20])
     await raw.chunk(body[20:])
     await raw.send(b"0\r\n\r\n")

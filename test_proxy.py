@@ -36,6 +36,7 @@ from conftest import (
     proxy,
     tcp_connections,
 )
+from tests.helpers import assert_error, post, send
 
 QUERY = "What is the capital of the United States?"
 DOCUMENTS = [
@@ -62,22 +63,6 @@ def scores_by_document(fake: Any, table: dict[str, float], default: float = 0.5)
     fake.score = lambda prompt: table.get(document_in(prompt), default)
 
 
-async def rerank(client: Any, body: Any, path: str = "/v1/rerank", **kwargs: Any) -> tuple[int, Any]:
-    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    response = await client.post(path, data=data, **kwargs)
-    return response.status, await response.json()
-
-
-def assert_error(status: int, answer: Any, expected_status: int, *words: str, param: str | None = None) -> None:
-    assert status == expected_status, answer
-    error = answer["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["code"] == expected_status
-    assert error["param"] == param
-    for word in words:
-        assert word.lower() in error["message"].lower(), (word, error["message"])
-
-
 # ---------------------------------------------------------------------------------------------
 # The prompt
 # ---------------------------------------------------------------------------------------------
@@ -94,8 +79,8 @@ def test_prompt_with_instruction_has_instruction_line_before_query() -> None:
 
 
 async def test_upstream_receives_the_exact_prompts(client: Any, fake_infinity: Any) -> None:
-    status, _ = await rerank(client, {"query": QUERY, "documents": DOCUMENTS})
-    assert status == 200
+    answer = await post(client, {"query": QUERY, "documents": DOCUMENTS})
+    assert answer.status == 200
     assert fake_infinity.inputs == [proxy.classify_input(QUERY, d) for d in DOCUMENTS]
     assert fake_infinity.inputs[2] == EXPECTED_PROMPT + "<|endoftext|>"
     assert fake_infinity.classify_bodies[0]["model"] == SERVED_MODEL
@@ -103,9 +88,9 @@ async def test_upstream_receives_the_exact_prompts(client: Any, fake_infinity: A
 
 async def test_upstream_receives_instruction_from_request_or_default(make_proxy: Any, fake_infinity: Any) -> None:
     client = await make_proxy(instruction="Default instruction")
-    await rerank(client, {"query": "q", "documents": ["d"]})
-    await rerank(client, {"query": "q", "documents": ["d"], "instruction": "Own instruction"})
-    await rerank(client, {"query": "q", "documents": ["d"], "instruction": ""})
+    await post(client, {"query": "q", "documents": ["d"]})
+    await post(client, {"query": "q", "documents": ["d"], "instruction": "Own instruction"})
+    await post(client, {"query": "q", "documents": ["d"], "instruction": ""})
     assert fake_infinity.inputs == [proxy.classify_input("q", "d", "Default instruction"),
                                     proxy.classify_input("q", "d", "Own instruction"), proxy.classify_input("q", "d")]
 
@@ -122,16 +107,8 @@ def test_hand_written_classify_body_is_the_json_of_the_prompts(text: str) -> Non
 
 
 async def test_text_goes_into_the_prompt_verbatim_without_stripping(client: Any, fake_infinity: Any) -> None:
-    await rerank(client, {"query": "  padded query \n", "documents": ["\tpadded doc  "]})
+    await post(client, {"query": "  padded query \n", "documents": ["\tpadded doc  "]})
     assert fake_infinity.classify_bodies[0]["input"] == [proxy.classify_input("  padded query \n", "\tpadded doc  ")]
-
-
-async def test_blank_documents_are_scored_and_never_sent_as_empty_input(client: Any, fake_infinity: Any) -> None:
-    status, answer = await rerank(client, {"query": "q", "documents": ["", "   ", "\n"]})
-    assert status == 200
-    assert sorted(r["index"] for r in answer["results"]) == [0, 1, 2]
-    assert fake_infinity.empty_inputs == 0
-    assert all(text.strip() for text in fake_infinity.inputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,9 +119,9 @@ async def test_blank_documents_are_scored_and_never_sent_as_empty_input(client: 
 async def test_score_is_positive_label_probability_whatever_the_label_order(client: Any, fake_infinity: Any) -> None:
     # The fake, like Infinity, sorts labels by score: "1" comes first for 0.9 and last for 0.2.
     scores_by_document(fake_infinity, {"hi": 0.9, "lo": 0.2})
-    status, answer = await rerank(client, {"query": "q", "documents": ["lo", "hi"]})
-    assert status == 200
-    assert [(r["index"], r["relevance_score"]) for r in answer["results"]] == [(1, 0.9), (0, 0.2)]
+    answer = await post(client, {"query": "q", "documents": ["lo", "hi"]})
+    assert answer.status == 200
+    assert [(r["index"], r["relevance_score"]) for r in answer.body["results"]] == [(1, 0.9), (0, 0.2)]
 
 
 def test_positive_probability_is_looked_up_by_label_name() -> None:
@@ -157,9 +134,9 @@ def test_positive_probability_is_looked_up_by_label_name() -> None:
 
 async def test_raw_scores_are_log_odds_of_the_positive_label(client: Any, fake_infinity: Any) -> None:
     scores_by_document(fake_infinity, {"a": 0.8, "b": 0.5, "c": 0.1})
-    status, answer = await rerank(client, {"query": "q", "documents": ["a", "b", "c"], "raw_scores": True})
-    assert status == 200
-    got = {r["index"]: r["relevance_score"] for r in answer["results"]}
+    answer = await post(client, {"query": "q", "documents": ["a", "b", "c"], "raw_scores": True})
+    assert answer.status == 200
+    got = {r["index"]: r["relevance_score"] for r in answer.body["results"]}
     assert got[0] == pytest.approx(math.log(4))
     assert got[1] == pytest.approx(0.0)
     assert got[2] == pytest.approx(math.log(0.1 / 0.9))
@@ -170,11 +147,11 @@ async def test_raw_scores_near_certainty_keep_their_precision_from_the_other_lab
     # Infinity's probabilities are float32: at a log-odds of 15, p rounds to 1.0 while the other label keeps its
     # own 3.059e-7 exactly. ln(p) - ln(1 - p) would say 27.6 (clamped); both sides say 15.
     fake_infinity.labels = lambda p1: [{"label": "1", "score": 1.0}, {"label": "0", "score": 3.059023205018258e-07}]
-    status, answer = await rerank(client, {"query": "q", "documents": ["a"], "raw_scores": True})
-    assert status == 200
-    assert answer["results"][0]["relevance_score"] == pytest.approx(15.0, abs=1e-6)
-    status, answer = await rerank(client, {"query": "q", "documents": ["a"]})
-    assert answer["results"][0]["relevance_score"] == 1.0
+    answer = await post(client, {"query": "q", "documents": ["a"], "raw_scores": True})
+    assert answer.status == 200
+    assert answer.body["results"][0]["relevance_score"] == pytest.approx(15.0, abs=1e-6)
+    answer = await post(client, {"query": "q", "documents": ["a"]})
+    assert answer.body["results"][0]["relevance_score"] == 1.0
 
 
 def test_raw_score_of_certainty_is_finite() -> None:
@@ -185,8 +162,8 @@ def test_raw_score_of_certainty_is_finite() -> None:
 
 async def test_results_sorted_by_score_and_ties_keep_lower_index_first(client: Any, fake_infinity: Any) -> None:
     scores_by_document(fake_infinity, {"a": 0.3, "b": 0.7, "c": 0.3, "d": 0.7, "e": 0.9})
-    _, answer = await rerank(client, {"query": "q", "documents": ["a", "b", "c", "d", "e"]})
-    assert [r["index"] for r in answer["results"]] == [4, 1, 3, 0, 2]
+    answer = await post(client, {"query": "q", "documents": ["a", "b", "c", "d", "e"]})
+    assert [r["index"] for r in answer.body["results"]] == [4, 1, 3, 0, 2]
 
 
 @pytest.mark.parametrize(("top_n", "expected"), [(None, 4), (0, 4), (-3, 4), (1, 1), (3, 3), (4, 4), (99, 4)])
@@ -196,19 +173,19 @@ async def test_top_n_keeps_the_best_n_and_means_all_when_absent_nonpositive_or_l
     body: dict[str, Any] = {"query": QUERY, "documents": DOCUMENTS}
     if top_n is not None:
         body["top_n"] = top_n
-    _, answer = await rerank(client, body)
-    assert [r["index"] for r in answer["results"]] == [2, 3, 0, 1][:expected]
+    answer = await post(client, body)
+    assert [r["index"] for r in answer.body["results"]] == [2, 3, 0, 1][:expected]
 
 
 async def test_null_optional_fields_mean_absent(client: Any) -> None:
-    status, answer = await rerank(client, {
+    answer = await post(client, {
         "query": "q", "documents": ["a", "b"], "top_n": None, "return_documents": None, "model": None,
         "instruction": None, "raw_scores": None, "rank_fields": None, "max_chunks_per_doc": None,
         "max_tokens_per_doc": None})
-    assert status == 200
-    assert len(answer["results"]) == 2
-    assert answer["model"] == SERVED_MODEL
-    assert all(r["document"] is None for r in answer["results"])
+    assert answer.status == 200
+    assert len(answer.body["results"]) == 2
+    assert answer.body["model"] == SERVED_MODEL
+    assert all(r["document"] is None for r in answer.body["results"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,49 +197,49 @@ async def test_null_optional_fields_mean_absent(client: Any) -> None:
 async def test_infinity_shaped_answer(client: Any, fake_infinity: Any, path: str) -> None:
     scores_by_document(fake_infinity, {d: s for d, s in zip(DOCUMENTS, [0.2, 0.1, 0.9, 0.4], strict=True)})
     before = int(time.time())
-    status, answer = await rerank(client, {"query": QUERY, "documents": DOCUMENTS, "top_n": 2,
-                                           "model": "michaelfeil/mxbai-rerank-large-v2-seq"}, path)
-    assert status == 200
+    answer = await post(client, {"query": QUERY, "documents": DOCUMENTS, "top_n": 2,
+                                 "model": "michaelfeil/mxbai-rerank-large-v2-seq"}, path)
+    assert answer.status == 200
     tokens = sum(len(p.strip()) for p in fake_infinity.inputs)  # the fake counts characters, as Infinity does
-    assert answer["object"] == "rerank"
-    assert answer["results"] == [{"relevance_score": 0.9, "index": 2, "document": None},
+    assert answer.body["object"] == "rerank"
+    assert answer.body["results"] == [{"relevance_score": 0.9, "index": 2, "document": None},
                                  {"relevance_score": 0.4, "index": 3, "document": None}]
-    assert answer["model"] == "michaelfeil/mxbai-rerank-large-v2-seq"
+    assert answer.body["model"] == "michaelfeil/mxbai-rerank-large-v2-seq"
     assert fake_infinity.classify_bodies[0]["model"] == "michaelfeil/mxbai-rerank-large-v2-seq"
-    assert answer["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
-    assert re.fullmatch(r"rerank-[0-9a-f-]{36}", answer["id"]) and uuid.UUID(answer["id"][7:]).version == 4
-    assert before <= answer["created"] <= time.time() + 1
-    assert answer["meta"] == {"api_version": {"version": "1"}, "billed_units": {"search_units": 1},
+    assert answer.body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+    assert re.fullmatch(r"rerank-[0-9a-f-]{36}", answer.body["id"]) and uuid.UUID(answer.body["id"][7:]).version == 4
+    assert before <= answer.body["created"] <= time.time() + 1
+    assert answer.body["meta"] == {"api_version": {"version": "1"}, "billed_units": {"search_units": 1},
                               "tokens": {"input_tokens": tokens, "output_tokens": 0}}
-    assert list(answer) == ["object", "results", "model", "usage", "id", "created", "meta"]
+    assert list(answer.body) == ["object", "results", "model", "usage", "id", "created", "meta"]
 
 
 async def test_cohere_v2_shaped_answer(client: Any, fake_infinity: Any) -> None:
     scores_by_document(fake_infinity, {d: s for d, s in zip(DOCUMENTS, [0.2, 0.1, 0.9, 0.4], strict=True)})
-    status, answer = await rerank(client, {"query": QUERY, "documents": DOCUMENTS, "top_n": 2}, "/v2/rerank")
-    assert status == 200
+    answer = await post(client, {"query": QUERY, "documents": DOCUMENTS, "top_n": 2}, "/v2/rerank")
+    assert answer.status == 200
     tokens = sum(len(p.strip()) for p in fake_infinity.inputs)
-    assert answer["results"] == [{"index": 2, "relevance_score": 0.9}, {"index": 3, "relevance_score": 0.4}]
-    assert answer["model"] == SERVED_MODEL
-    assert answer["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
-    assert answer["meta"] == {"api_version": {"version": "2"}, "billed_units": {"search_units": 1},
+    assert answer.body["results"] == [{"index": 2, "relevance_score": 0.9}, {"index": 3, "relevance_score": 0.4}]
+    assert answer.body["model"] == SERVED_MODEL
+    assert answer.body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+    assert answer.body["meta"] == {"api_version": {"version": "2"}, "billed_units": {"search_units": 1},
                               "tokens": {"input_tokens": tokens, "output_tokens": 0}}
-    assert re.fullmatch(r"rerank-[0-9a-f-]{36}", answer["id"])
-    assert set(answer) == {"id", "results", "model", "usage", "meta"}
+    assert re.fullmatch(r"rerank-[0-9a-f-]{36}", answer.body["id"])
+    assert set(answer.body) == {"id", "results", "model", "usage", "meta"}
 
 
 async def test_return_documents_echoes_documents_as_given_on_v1(client: Any, fake_infinity: Any) -> None:
     documents = ["plain", {"text": "object", "id": 7}]
     scores_by_document(fake_infinity, {"plain": 0.9, "object": 0.1})
-    _, answer = await rerank(client, {"query": "q", "documents": documents, "return_documents": True})
-    assert [r["document"] for r in answer["results"]] == ["plain", {"text": "object", "id": 7}]
+    answer = await post(client, {"query": "q", "documents": documents, "return_documents": True})
+    assert [r["document"] for r in answer.body["results"]] == ["plain", {"text": "object", "id": 7}]
 
 
 async def test_return_documents_gives_objects_on_v2(client: Any, fake_infinity: Any) -> None:
     documents = ["plain", {"text": "object", "id": 7}]
     scores_by_document(fake_infinity, {"plain": 0.9, "object": 0.1})
-    _, answer = await rerank(client, {"query": "q", "documents": documents, "return_documents": True}, "/v2/rerank")
-    assert [r["document"] for r in answer["results"]] == [{"text": "plain"}, {"text": "object", "id": 7}]
+    answer = await post(client, {"query": "q", "documents": documents, "return_documents": True}, "/v2/rerank")
+    assert [r["document"] for r in answer.body["results"]] == [{"text": "plain"}, {"text": "object", "id": 7}]
 
 
 def test_search_units_are_per_hundred_documents_at_least_one() -> None:
@@ -272,9 +249,9 @@ def test_search_units_are_per_hundred_documents_at_least_one() -> None:
 async def test_usage_sums_prompt_tokens_over_calls_and_counts_missing_usage_as_zero(
         make_proxy: Any, fake_infinity: Any) -> None:
     client = await make_proxy(batch_size=2)
-    _, answer = await rerank(client, {"query": "q", "documents": ["a", "b", "c"]})
+    answer = await post(client, {"query": "q", "documents": ["a", "b", "c"]})
     assert len(fake_infinity.classify_bodies) == 2
-    assert answer["usage"]["prompt_tokens"] == sum(len(p.strip()) for p in fake_infinity.inputs)
+    assert answer.body["usage"]["prompt_tokens"] == sum(len(p.strip()) for p in fake_infinity.inputs)
     answer_without_usage = {"data": [[{"label": "1", "score": 0.5}, {"label": "0", "score": 0.5}]]}
     assert proxy.positive_probabilities(answer_without_usage, 1, "1") == ([0.5], 0)
 
@@ -294,19 +271,19 @@ def test_a_prompt_token_count_that_is_no_count_adds_zero(count: Any, counted: in
 async def test_rank_fields_score_field_lines_in_the_given_order(client: Any, fake_infinity: Any) -> None:
     documents = [{"title": "Paris", "body": "Capital of France", "year": 2024, "tags": ["a", "b"]},
                  {"body": "only body"}, "a string document"]
-    status, answer = await rerank(client, {"query": "q", "documents": documents,
-                                           "rank_fields": ["title", "body", "tags"], "return_documents": True})
-    assert status == 200
+    answer = await post(client, {"query": "q", "documents": documents,
+                                 "rank_fields": ["title", "body", "tags"], "return_documents": True})
+    assert answer.status == 200
     assert [document_in(p) for p in fake_infinity.inputs] == [
         'title: Paris\nbody: Capital of France\ntags: ["a","b"]', "body: only body", "a string document"]
-    assert {r["index"]: r["document"] for r in answer["results"]}[0] == documents[0]
+    assert {r["index"]: r["document"] for r in answer.body["results"]}[0] == documents[0]
 
 
 async def test_a_rank_field_named_twice_is_scored_once(client: Any, fake_infinity: Any) -> None:
     documents = [{"title": "Paris", "body": "Capital of France"}]
-    status, _ = await rerank(client, {"query": "q", "documents": documents,
-                                      "rank_fields": ["title", "body", "title", "body", "title"]})
-    assert status == 200
+    answer = await post(client, {"query": "q", "documents": documents,
+                                 "rank_fields": ["title", "body", "title", "body", "title"]})
+    assert answer.status == 200
     assert [document_in(p.strip()) for p in fake_infinity.inputs] == ["title: Paris\nbody: Capital of France"]
 
 
@@ -320,33 +297,33 @@ async def test_a_rank_field_named_twice_is_scored_once(client: Any, fake_infinit
 async def test_a_field_that_would_multiply_memory_is_400_naming_it(
         client: Any, fake_infinity: Any, change: dict[str, Any], param: str, words: list[str]) -> None:
     body = {"query": "q", "documents": [{"title": "x" * 1000}], **change}
-    status, answer = await rerank(client, body)
-    assert_error(status, answer, 400, *words, param=param)
+    answer = await post(client, body)
+    assert_error(answer, 400, "invalid_request_error", *words, param=param)
     assert fake_infinity.classify_bodies == []
 
 
 async def test_rank_fields_and_model_at_their_limits_are_served(client: Any, fake_infinity: Any) -> None:
     fields = [f"{i:0256d}" for i in range(32)]
-    status, answer = await rerank(client, {"query": "q", "rank_fields": fields, "model": "m" * 256,
-                                           "documents": [{fields[0]: "a", fields[31]: "b"}]})
-    assert status == 200 and answer["model"] == "m" * 256
+    answer = await post(client, {"query": "q", "rank_fields": fields, "model": "m" * 256,
+                                 "documents": [{fields[0]: "a", fields[31]: "b"}]})
+    assert answer.status == 200 and answer.body["model"] == "m" * 256
     assert document_in(fake_infinity.inputs[0].strip()) == f"{fields[0]}: a\n{fields[31]}: b"
 
 
 async def test_rank_fields_empty_list_is_the_same_as_absent(client: Any, fake_infinity: Any) -> None:
-    await rerank(client, {"query": "q", "documents": [{"text": "t", "title": "x"}], "rank_fields": []})
+    await post(client, {"query": "q", "documents": [{"text": "t", "title": "x"}], "rank_fields": []})
     assert document_in(fake_infinity.inputs[0]) == "t"
 
 
 async def test_rank_fields_document_with_none_of_them_is_400_naming_it(client: Any) -> None:
-    status, answer = await rerank(client, {"query": "q", "documents": [{"title": "a"}, {"other": 1}],
-                                           "rank_fields": ["title"]})
-    assert_error(status, answer, 400, "documents[1]", "rank_fields", param="documents[1]")
+    answer = await post(client, {"query": "q", "documents": [{"title": "a"}, {"other": 1}],
+                                 "rank_fields": ["title"]})
+    assert_error(answer, 400, "invalid_request_error", "documents[1]", "rank_fields", param="documents[1]")
 
 
 async def test_object_document_without_text_is_400_naming_it(client: Any) -> None:
-    status, answer = await rerank(client, {"query": "q", "documents": ["ok", {"title": "no text"}]})
-    assert_error(status, answer, 400, "documents[1]", "text", param="documents[1]")
+    answer = await post(client, {"query": "q", "documents": ["ok", {"title": "no text"}]})
+    assert_error(answer, 400, "invalid_request_error", "documents[1]", "text", param="documents[1]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,19 +354,19 @@ async def test_long_document_scores_as_its_best_chunk(make_proxy: Any, fake_infi
     client = await make_proxy(max_doc_chars=100)
     long_doc = "x" * 100 + "best" + "y" * 96 + "z" * 50
     fake_infinity.score = lambda prompt: 0.95 if "best" in prompt else 0.25
-    status, answer = await rerank(client, {"query": "q", "documents": ["short", long_doc]})
-    assert status == 200
+    answer = await post(client, {"query": "q", "documents": ["short", long_doc]})
+    assert answer.status == 200
     assert [document_in(p) for p in fake_infinity.inputs] == [
         "short", "x" * 100, "best" + "y" * 96, "z" * 50]
-    assert answer["results"][0] == {"relevance_score": 0.95, "index": 1, "document": None}
+    assert answer.body["results"][0] == {"relevance_score": 0.95, "index": 1, "document": None}
 
 
 async def test_no_prompt_exceeds_infinity_limit_or_loses_its_suffix(client: Any, fake_infinity: Any) -> None:
     spaced = " ".join(f"word{i}" for i in range(40_000))  # 308,889 characters: more than Infinity accepts
     unspaced = "".join(str(i) for i in range(30_000))  # 138,890 characters without any whitespace
-    status, _ = await rerank(client, {"query": "q" * 10_000, "documents": [spaced, unspaced],
-                                      "instruction": "i" * 4000})
-    assert status == 200
+    answer = await post(client, {"query": "q" * 10_000, "documents": [spaced, unspaced],
+                                 "instruction": "i" * 4000})
+    assert answer.status == 200
     assert fake_infinity.inputs
     for prompt in fake_infinity.inputs:
         assert len(prompt) <= 122_880
@@ -400,66 +377,66 @@ async def test_no_prompt_exceeds_infinity_limit_or_loses_its_suffix(client: Any,
 
 async def test_max_chunks_per_doc_from_request_bounds_chunks(make_proxy: Any, fake_infinity: Any) -> None:
     client = await make_proxy(max_doc_chars=10)
-    await rerank(client, {"query": "q", "documents": ["a" * 10 + "b" * 10 + "c" * 10], "max_chunks_per_doc": 2})
+    await post(client, {"query": "q", "documents": ["a" * 10 + "b" * 10 + "c" * 10], "max_chunks_per_doc": 2})
     assert [document_in(p) for p in fake_infinity.inputs] == ["a" * 10, "b" * 10]
 
 
 async def test_max_tokens_per_doc_cuts_documents_to_three_characters_a_token(client: Any, fake_infinity: Any) -> None:
-    await rerank(client, {"query": "q", "documents": ["abcdefghijklmnop"], "max_tokens_per_doc": 4})
+    await post(client, {"query": "q", "documents": ["abcdefghijklmnop"], "max_tokens_per_doc": 4})
     assert document_in(fake_infinity.inputs[0]) == "abcdefghijkl"
 
 
 async def test_max_tokens_per_doc_cuts_before_chunking(make_proxy: Any, fake_infinity: Any) -> None:
     client = await make_proxy(max_doc_chars=10)
-    await rerank(client, {"query": "q", "documents": ["a" * 10 + "b" * 10 + "c" * 10], "max_tokens_per_doc": 4})
+    await post(client, {"query": "q", "documents": ["a" * 10 + "b" * 10 + "c" * 10], "max_tokens_per_doc": 4})
     assert [document_in(p) for p in fake_infinity.inputs] == ["a" * 10, "bb"]
 
 
 async def test_query_is_cut_to_max_query_chars(make_proxy: Any, fake_infinity: Any) -> None:
     client = await make_proxy(max_query_chars=5)
-    await rerank(client, {"query": "0123456789", "documents": ["d"]})
+    await post(client, {"query": "0123456789", "documents": ["d"]})
     assert fake_infinity.inputs == [proxy.classify_input("01234", "d")]
 
 
 async def test_instruction_longer_than_max_query_chars_is_400(make_proxy: Any) -> None:
     client = await make_proxy(max_query_chars=5)
-    status, answer = await rerank(client, {"query": "q", "documents": ["d"], "instruction": "too long"})
-    assert_error(status, answer, 400, "instruction", "at most 5", param="instruction")
+    answer = await post(client, {"query": "q", "documents": ["d"], "instruction": "too long"})
+    assert_error(answer, 400, "invalid_request_error", "instruction", "at most 5", param="instruction")
 
 
 async def test_identical_prompts_are_sent_once_and_share_their_score(client: Any, fake_infinity: Any) -> None:
-    status, answer = await rerank(client, {"query": "q", "documents": ["same", "other", "same", {"text": "same"}]})
-    assert status == 200
+    answer = await post(client, {"query": "q", "documents": ["same", "other", "same", {"text": "same"}]})
+    assert answer.status == 200
     assert [document_in(p) for p in fake_infinity.inputs] == ["same", "other"]
-    scores = {r["index"]: r["relevance_score"] for r in answer["results"]}
+    scores = {r["index"]: r["relevance_score"] for r in answer.body["results"]}
     assert scores[0] == scores[2] == scores[3] == hashed_probability(proxy.prompt_for("q", "same"))
 
 
 async def test_more_documents_than_batch_size_go_in_several_calls_in_order(make_proxy: Any, fake_infinity: Any) -> None:
     client = await make_proxy(batch_size=3)
     documents = [f"doc {i}" for i in range(10)]
-    status, answer = await rerank(client, {"query": "q", "documents": documents})
-    assert status == 200
+    answer = await post(client, {"query": "q", "documents": documents})
+    assert answer.status == 200
     assert [len(b["input"]) for b in fake_infinity.classify_bodies] == [3, 3, 3, 1]
     expected = {i: hashed_probability(proxy.prompt_for("q", d)) for i, d in enumerate(documents)}
-    assert {r["index"]: r["relevance_score"] for r in answer["results"]} == expected
+    assert {r["index"]: r["relevance_score"] for r in answer.body["results"]} == expected
 
 
 async def test_more_documents_than_infinity_accepts_in_one_call(make_proxy: Any, fake_infinity: Any) -> None:
     client = await make_proxy(batch_size=2048)
     documents = [f"d{i}" for i in range(5000)]
-    status, answer = await rerank(client, {"query": "q", "documents": documents, "top_n": 3})
-    assert status == 200
+    answer = await post(client, {"query": "q", "documents": documents, "top_n": 3})
+    assert answer.status == 200
     assert sorted(len(b["input"]) for b in fake_infinity.classify_bodies) == [904, 2048, 2048]
     expected = sorted(range(5000), key=lambda i: (-hashed_probability(proxy.prompt_for("q", documents[i])), i))
-    assert [r["index"] for r in answer["results"]] == expected[:3]
+    assert [r["index"] for r in answer.body["results"]] == expected[:3]
 
 
 async def test_empty_documents_answer_no_results_without_calling_infinity(client: Any, fake_infinity: Any) -> None:
-    status, answer = await rerank(client, {"query": "q", "documents": []}, "/v2/rerank")
-    assert status == 200
-    assert answer["results"] == []
-    assert answer["usage"] == {"prompt_tokens": 0, "total_tokens": 0}
+    answer = await post(client, {"query": "q", "documents": []}, "/v2/rerank")
+    assert answer.status == 200
+    assert answer.body["results"] == []
+    assert answer.body["usage"] == {"prompt_tokens": 0, "total_tokens": 0}
     assert fake_infinity.classify_bodies == []
 
 
@@ -496,14 +473,14 @@ async def test_mistyped_or_missing_field_is_400_naming_it(
         client: Any, fake_infinity: Any, change: dict[str, Any], param: str, words: list[str]) -> None:
     body = {"query": "q", "documents": ["a", "b"], **change}
     body = {k: v for k, v in body.items() if not (k in ("query", "documents") and v is None)}
-    status, answer = await rerank(client, body)
-    assert_error(status, answer, 400, param.split("[")[0], *words, param=param)
+    answer = await post(client, body)
+    assert_error(answer, 400, "invalid_request_error", param.split("[")[0], *words, param=param)
     assert fake_infinity.classify_bodies == []
 
 
 async def test_every_field_is_checked_before_empty_documents_answer(client: Any) -> None:
-    status, answer = await rerank(client, {"query": "q", "documents": [], "top_n": "3"})
-    assert_error(status, answer, 400, "top_n", param="top_n")
+    answer = await post(client, {"query": "q", "documents": [], "top_n": "3"})
+    assert_error(answer, 400, "invalid_request_error", "top_n", param="top_n")
 
 
 @pytest.mark.parametrize(("body", "words"), [
@@ -511,22 +488,22 @@ async def test_every_field_is_checked_before_empty_documents_answer(client: Any)
     (b'"text"', ["object"]), (b"\xff\xfe\x00", ["not valid JSON"]), (b"[" * 100_000 + b"]" * 100_000, ["nested"]),
 ])
 async def test_body_that_is_not_a_json_object_is_400(client: Any, body: bytes, words: list[str]) -> None:
-    status, answer = await rerank(client, body)
-    assert_error(status, answer, 400, *words, param=None)
+    answer = await post(client, body)
+    assert_error(answer, 400, "invalid_request_error", *words, param=None)
 
 
 async def test_body_is_json_whatever_its_content_type(client: Any) -> None:
     body = json.dumps({"query": "q", "documents": ["a"]})
     for content_type in ("application/x-www-form-urlencoded", "text/plain", None):
         headers = {"Content-Type": content_type} if content_type else {}
-        status, answer = await rerank(client, body, headers=headers)
-        assert status == 200 and len(answer["results"]) == 1
+        answer = await post(client, body, headers=headers)
+        assert answer.status == 200 and len(answer.body["results"]) == 1
 
 
 async def test_too_many_documents_is_400(make_proxy: Any, fake_infinity: Any) -> None:
     client = await make_proxy(max_documents=3)
-    status, answer = await rerank(client, {"query": "q", "documents": ["a"] * 4})
-    assert_error(status, answer, 400, "too many documents", "4", "at most 3", param="documents")
+    answer = await post(client, {"query": "q", "documents": ["a"] * 4})
+    assert_error(answer, 400, "invalid_request_error", "too many documents", "4", "at most 3", param="documents")
     assert fake_infinity.classify_bodies == []
 
 
@@ -538,20 +515,20 @@ async def test_too_many_documents_is_400(make_proxy: Any, fake_infinity: Any) ->
 ])
 async def test_lone_surrogate_is_400_naming_its_field_and_not_sent_upstream(
         client: Any, fake_infinity: Any, body: bytes, param: str) -> None:
-    status, answer = await rerank(client, body)
-    assert_error(status, answer, 400, "surrogate", param, param=param)
+    answer = await post(client, body)
+    assert_error(answer, 400, "invalid_request_error", "surrogate", param, param=param)
     assert fake_infinity.classify_bodies == []
 
 
 @pytest.mark.parametrize("number", [b"NaN", b"Infinity", b"-Infinity", b"1e999"])
 async def test_non_finite_numbers_are_400(client: Any, number: bytes) -> None:
-    status, answer = await rerank(client, b'{"query": "q", "documents": [{"text": "a", "x": ' + number + b"}]}")
-    assert_error(status, answer, 400, "not valid JSON")
+    answer = await post(client, b'{"query": "q", "documents": [{"text": "a", "x": ' + number + b"}]}")
+    assert_error(answer, 400, "invalid_request_error", "not valid JSON")
 
 
 async def test_unknown_fields_are_ignored(client: Any) -> None:
-    status, answer = await rerank(client, {"query": "q", "documents": ["a"], "priority": 1, "extra": {"x": 1}})
-    assert status == 200 and len(answer["results"]) == 1
+    answer = await post(client, {"query": "q", "documents": ["a"], "priority": 1, "extra": {"x": 1}})
+    assert answer.status == 200 and len(answer.body["results"]) == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,27 +540,27 @@ async def test_unknown_fields_are_ignored(client: Any) -> None:
 async def test_tei_texts_get_a_bare_list_of_every_text_best_first_ties_lower_index_first(
         client: Any, fake_infinity: Any, path: str) -> None:
     scores_by_document(fake_infinity, {"a": 0.3, "b": 0.7, "c": 0.3, "d": 0.7, "e": 0.9})
-    status, answer = await rerank(client, {"query": "q", "texts": ["a", "b", "c", "d", "e"]}, path)
-    assert status == 200
-    assert answer == [{"index": 4, "score": 0.9}, {"index": 1, "score": 0.7}, {"index": 3, "score": 0.7},
+    answer = await post(client, {"query": "q", "texts": ["a", "b", "c", "d", "e"]}, path)
+    assert answer.status == 200
+    assert answer.body == [{"index": 4, "score": 0.9}, {"index": 1, "score": 0.7}, {"index": 3, "score": 0.7},
                       {"index": 0, "score": 0.3}, {"index": 2, "score": 0.3}]
     assert fake_infinity.inputs == [proxy.classify_input("q", t) for t in "abcde"]
 
 
 async def test_tei_return_text_adds_each_text_as_given(client: Any, fake_infinity: Any) -> None:
     scores_by_document(fake_infinity, {" lo ": 0.2, "hi\n": 0.8})
-    status, answer = await rerank(client, {"query": "q", "texts": [" lo ", "hi\n"], "return_text": True})
-    assert status == 200
-    assert answer == [{"index": 1, "score": 0.8, "text": "hi\n"}, {"index": 0, "score": 0.2, "text": " lo "}]
+    answer = await post(client, {"query": "q", "texts": [" lo ", "hi\n"], "return_text": True})
+    assert answer.status == 200
+    assert answer.body == [{"index": 1, "score": 0.8, "text": "hi\n"}, {"index": 0, "score": 0.2, "text": " lo "}]
 
 
 async def test_tei_raw_scores_are_log_odds(client: Any, fake_infinity: Any) -> None:
     scores_by_document(fake_infinity, {"a": 0.8, "b": 0.1})
-    status, answer = await rerank(client, {"query": "q", "texts": ["a", "b"], "raw_scores": True})
-    assert status == 200
-    assert [r["index"] for r in answer] == [0, 1]
-    assert answer[0]["score"] == pytest.approx(math.log(4))
-    assert answer[1]["score"] == pytest.approx(math.log(0.1 / 0.9))
+    answer = await post(client, {"query": "q", "texts": ["a", "b"], "raw_scores": True})
+    assert answer.status == 200
+    assert [r["index"] for r in answer.body] == [0, 1]
+    assert answer.body[0]["score"] == pytest.approx(math.log(4))
+    assert answer.body[1]["score"] == pytest.approx(math.log(0.1 / 0.9))
 
 
 @pytest.mark.parametrize(("truncate", "direction"), [(True, "Left"), (False, "Right"), (True, "left"), (None, "RIGHT"),
@@ -593,38 +570,38 @@ async def test_tei_truncate_and_direction_in_any_case_are_accepted_and_long_text
     client = await make_proxy(max_doc_chars=100)
     long_text = " ".join(f"w{i:03d}" for i in range(50))  # 249 characters: three chunks, whatever the direction
     body = {"query": "q", "texts": ["short", long_text], "truncate": truncate, "truncation_direction": direction}
-    status, answer = await rerank(client, body)
-    assert status == 200
+    answer = await post(client, body)
+    assert answer.status == 200
     assert fake_infinity.inputs == [proxy.classify_input("q", chunk) for chunk in
                                     ["short", *proxy.chunks_of(long_text, 100, 10)]]
     assert len(fake_infinity.inputs) == 4
     chunk_scores = [hashed_probability(p.removesuffix(proxy.PAD_ANCHOR)) for p in fake_infinity.inputs]
-    assert {r["index"]: r["score"] for r in answer} == {0: chunk_scores[0], 1: max(chunk_scores[1:])}
+    assert {r["index"]: r["score"] for r in answer.body} == {0: chunk_scores[0], 1: max(chunk_scores[1:])}
 
 
 async def test_tei_scores_equal_the_documents_scores_for_the_same_texts(client: Any) -> None:
-    _, tei = await rerank(client, {"query": QUERY, "texts": DOCUMENTS})
-    _, infinity = await rerank(client, {"query": QUERY, "documents": DOCUMENTS})
+    tei = (await post(client, {"query": QUERY, "texts": DOCUMENTS})).body
+    infinity = (await post(client, {"query": QUERY, "documents": DOCUMENTS})).body
     assert [(r["index"], r["score"]) for r in tei] == [(r["index"], r["relevance_score"]) for r in infinity["results"]]
 
 
 async def test_tei_has_no_top_n_and_ignores_other_fields(client: Any) -> None:
-    status, answer = await rerank(client, {"query": "q", "texts": ["a", "b", "c"], "top_n": 1, "rank_fields": 3,
-                                           "return_documents": "x", "priority": 1})
-    assert status == 200
-    assert sorted(r["index"] for r in answer) == [0, 1, 2]
+    answer = await post(client, {"query": "q", "texts": ["a", "b", "c"], "top_n": 1, "rank_fields": 3,
+                                 "return_documents": "x", "priority": 1})
+    assert answer.status == 200
+    assert sorted(r["index"] for r in answer.body) == [0, 1, 2]
 
 
 async def test_tei_model_and_instruction_are_used_as_for_documents(client: Any, fake_infinity: Any) -> None:
-    status, _ = await rerank(client, {"query": "q", "texts": ["a"], "model": "m", "instruction": "Find it"})
-    assert status == 200
+    answer = await post(client, {"query": "q", "texts": ["a"], "model": "m", "instruction": "Find it"})
+    assert answer.status == 200
     assert fake_infinity.classify_bodies[0]["model"] == "m"
     assert fake_infinity.inputs == [proxy.classify_input("q", "a", "Find it")]
 
 
 async def test_tei_empty_texts_answer_an_empty_list_without_calling_infinity(client: Any, fake_infinity: Any) -> None:
-    status, answer = await rerank(client, {"query": "q", "texts": []}, "/rerank")
-    assert (status, answer) == (200, [])
+    answer = await post(client, {"query": "q", "texts": []}, "/rerank")
+    assert (answer.status, answer.body) == (200, [])
     assert fake_infinity.classify_bodies == []
 
 
@@ -648,39 +625,39 @@ async def test_tei_empty_texts_answer_an_empty_list_without_calling_infinity(cli
 async def test_tei_mistyped_or_missing_field_is_400_naming_it(
         client: Any, fake_infinity: Any, change: dict[str, Any], param: str, words: list[str]) -> None:
     body = {k: v for k, v in {"query": "q", "texts": ["a", "b"], **change}.items() if v is not None}
-    status, answer = await rerank(client, body, "/rerank")
-    assert_error(status, answer, 400, param.split("[")[0], *words, param=param)
+    answer = await post(client, body, "/rerank")
+    assert_error(answer, 400, "invalid_request_error", param.split("[")[0], *words, param=param)
     assert fake_infinity.classify_bodies == []
 
 
 async def test_tei_every_field_is_checked_before_empty_texts_answer(client: Any) -> None:
-    status, answer = await rerank(client, {"query": "q", "texts": [], "truncation_direction": "middle"})
-    assert_error(status, answer, 400, "truncation_direction", param="truncation_direction")
-    status, answer = await rerank(client, {"query": 1, "texts": []})
-    assert_error(status, answer, 400, "query", param="query")
+    answer = await post(client, {"query": "q", "texts": [], "truncation_direction": "middle"})
+    assert_error(answer, 400, "invalid_request_error", "truncation_direction", param="truncation_direction")
+    answer = await post(client, {"query": 1, "texts": []})
+    assert_error(answer, 400, "invalid_request_error", "query", param="query")
 
 
 async def test_tei_too_many_texts_is_400_naming_texts(make_proxy: Any, fake_infinity: Any) -> None:
     client = await make_proxy(max_documents=3)
-    status, answer = await rerank(client, {"query": "q", "texts": ["a"] * 4})
-    assert_error(status, answer, 400, "too many texts", "4", "at most 3", param="texts")
+    answer = await post(client, {"query": "q", "texts": ["a"] * 4})
+    assert_error(answer, 400, "invalid_request_error", "too many texts", "4", "at most 3", param="texts")
     assert fake_infinity.classify_bodies == []
 
 
 async def test_tei_lone_surrogate_is_400_naming_the_text(client: Any, fake_infinity: Any) -> None:
-    status, answer = await rerank(client, b'{"query": "q", "texts": ["ok", "bad \\ud800"]}')
-    assert_error(status, answer, 400, "surrogate", "texts[1]", param="texts[1]")
+    answer = await post(client, b'{"query": "q", "texts": ["ok", "bad \\ud800"]}')
+    assert_error(answer, 400, "invalid_request_error", "surrogate", "texts[1]", param="texts[1]")
     assert fake_infinity.classify_bodies == []
 
 
 async def test_texts_are_not_a_dialect_of_v2_rerank(client: Any, fake_infinity: Any) -> None:
-    status, answer = await rerank(client, {"query": "q", "texts": ["a"]}, "/v2/rerank")
-    assert_error(status, answer, 400, "documents", "required", param="documents")
+    answer = await post(client, {"query": "q", "texts": ["a"]}, "/v2/rerank")
+    assert_error(answer, 400, "invalid_request_error", "documents", "required", param="documents")
 
 
 async def test_tei_request_log_line_counts_its_texts(client: Any, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="proxy-classifier"):
-        await rerank(client, {"query": "secret", "texts": ["secret a", "secret b", "secret a"]}, "/rerank")
+        await post(client, {"query": "secret", "texts": ["secret a", "secret b", "secret a"]}, "/rerank")
     line = next(r.getMessage() for r in caplog.records if r.name == "proxy-classifier")
     assert "status=200 documents=3 chunks=2 upstream_calls=1" in line
     assert "secret" not in caplog.text
@@ -729,23 +706,23 @@ def answer_with(status: int, body: Any, headers: dict[str, str] | None = None, r
 
 async def test_infinity_400_about_the_model_is_400_with_its_message(client: Any, fake_infinity: Any) -> None:
     fake_infinity.models = ["model-a", "model-b"]  # several models: the model field must match one
-    status, answer = await rerank(client, {"query": "q", "documents": ["a"], "model": "model-c"})
-    assert_error(status, answer, 400, "Infinity", "Invalid model: model-c", param="model")
+    answer = await post(client, {"query": "q", "documents": ["a"], "model": "model-c"})
+    assert_error(answer, 400, "invalid_request_error", "Infinity", "Invalid model: model-c", param="model")
 
 
 async def test_infinity_401_to_the_clients_key_is_401_with_its_message(client: Any, fake_infinity: Any) -> None:
     fake_infinity.api_key = "right"
-    status, answer = await rerank(client, {"query": "q", "documents": ["a"]}, headers={"Authorization": "Bearer wrong"})
-    assert_error(status, answer, 401, "Unauthorized")
-    status, _ = await rerank(client, {"query": "q", "documents": ["a"]}, headers={"Authorization": "Bearer right"})
-    assert status == 200
+    answer = await post(client, {"query": "q", "documents": ["a"]}, headers={"Authorization": "Bearer wrong"})
+    assert_error(answer, 401, "authentication_error", "Unauthorized")
+    answer = await post(client, {"query": "q", "documents": ["a"]}, headers={"Authorization": "Bearer right"})
+    assert answer.status == 200
     assert fake_infinity.classify_headers[-1]["Authorization"] == "Bearer right"
 
 
 async def test_infinity_403_to_the_clients_key_is_403(client: Any, fake_infinity: Any) -> None:
     fake_infinity.fault = answer_with(403, {"detail": "Forbidden"})
-    status, answer = await rerank(client, {"query": "q", "documents": ["a"]})
-    assert_error(status, answer, 403, "Forbidden")
+    answer = await post(client, {"query": "q", "documents": ["a"]})
+    assert_error(answer, 403, "permission_error", "Forbidden")
 
 
 @pytest.mark.parametrize("infinity_api_key", ["wrong", ""])
@@ -754,38 +731,38 @@ async def test_infinity_401_to_the_proxys_own_key_is_502(make_proxy: Any, fake_i
     fake_infinity.api_key = "right"
     client = await make_proxy(api_key="proxy-key", infinity_api_key=infinity_api_key)
     client_key = {"Authorization": "Bearer proxy-key"}
-    status, answer = await rerank(client, {"query": "q", "documents": ["a"]}, headers=client_key)
-    assert_error(status, answer, 502, "--infinity-api-key", "Unauthorized")
-    response = await client.get("/v1/models", headers=client_key)  # forwarded routes alike
-    assert_error(response.status, await response.json(), 502, "--infinity-api-key")
+    answer = await post(client, {"query": "q", "documents": ["a"]}, headers=client_key)
+    assert_error(answer, 502, "upstream_error", "--infinity-api-key", "Unauthorized")
+    answer = await send(client, "GET", "/v1/models", headers=client_key)  # forwarded routes alike
+    assert_error(answer, 502, "upstream_error", "--infinity-api-key")
 
 
 async def test_infinity_404_is_502_with_prefix_hint(make_proxy: Any, fake_infinity: Any) -> None:
     client = await make_proxy(infinity_url=fake_infinity.url.replace("/v1", "/v2"))
-    status, answer = await rerank(client, {"query": "q", "documents": ["a"]})
-    assert_error(status, answer, 502, "404", "prefix", "--infinity-url")
+    answer = await post(client, {"query": "q", "documents": ["a"]})
+    assert_error(answer, 502, "upstream_error", "404", "prefix", "--infinity-url")
 
 
 async def test_infinity_422_is_502_with_its_detail_and_a_hint(client: Any, fake_infinity: Any) -> None:
     fake_infinity.fault = answer_with(422, {"detail": [{"msg": "List should have at most 2048 items"}]})
-    status, answer = await rerank(client, {"query": "q", "documents": ["a"]})
-    assert_error(status, answer, 502, "422", "at most 2048 items", "--batch-size")
+    answer = await post(client, {"query": "q", "documents": ["a"]})
+    assert_error(answer, 502, "upstream_error", "422", "at most 2048 items", "--batch-size")
 
 
 @pytest.mark.parametrize(("headers", "retry_after"), [({"Retry-After": "7"}, "7"), (None, None)])
 async def test_infinity_429_is_429_with_its_retry_after(
         client: Any, fake_infinity: Any, headers: dict[str, str] | None, retry_after: str | None) -> None:
     fake_infinity.fault = answer_with(429, {"error": {"message": "queue full"}}, headers)
-    response = await client.post("/v1/rerank", json={"query": "q", "documents": ["a"]})
-    assert_error(response.status, await response.json(), 429, "queue full")
-    assert response.headers.get("Retry-After") == retry_after
+    answer = await send(client, "POST", "/v1/rerank", json={"query": "q", "documents": ["a"]})
+    assert_error(answer, 429, "rate_limit_error", "queue full")
+    assert answer.headers.get("Retry-After") == retry_after
 
 
 @pytest.mark.parametrize("upstream_status", [500, 502, 503, 418])
 async def test_infinity_5xx_or_other_status_is_502(client: Any, fake_infinity: Any, upstream_status: int) -> None:
     fake_infinity.fault = answer_with(upstream_status, {"error": {"message": "engine exploded"}})
-    status, answer = await rerank(client, {"query": "q", "documents": ["a"]})
-    assert_error(status, answer, 502, str(upstream_status), "engine exploded")
+    answer = await post(client, {"query": "q", "documents": ["a"]})
+    assert_error(answer, 502, "upstream_error", str(upstream_status), "engine exploded")
 
 
 @pytest.mark.parametrize(("body", "words"), [
@@ -799,16 +776,16 @@ async def test_infinity_5xx_or_other_status_is_502(client: Any, fake_infinity: A
 async def test_infinity_answer_of_the_wrong_shape_is_502(client: Any, fake_infinity: Any, body: Any,
                                                          words: list[str]) -> None:
     fake_infinity.fault = answer_with(200, body)
-    status, answer = await rerank(client, {"query": "q", "documents": ["a", "b"]})
-    assert_error(status, answer, 502, *words)
+    answer = await post(client, {"query": "q", "documents": ["a", "b"]})
+    assert_error(answer, 502, "upstream_error", *words)
 
 
 @pytest.mark.parametrize(("text", "words"), [('{"data": [[{"label": "1", "score": NaN}]]}', ["not a probability", "nan"]),
                                              ("<html>Bad Gateway</html>", ["not JSON", "Bad Gateway"])])
 async def test_infinity_nan_score_or_html_is_502(client: Any, fake_infinity: Any, text: str, words: list[str]) -> None:
     fake_infinity.fault = answer_with(200, text, raw=True)
-    status, answer = await rerank(client, {"query": "q", "documents": ["a"]})
-    assert_error(status, answer, 502, *words)
+    answer = await post(client, {"query": "q", "documents": ["a"]})
+    assert_error(answer, 502, "upstream_error", *words)
 
 
 async def test_infinity_redirect_is_not_followed(client: Any, fake_infinity: Any, aiohttp_server: Any) -> None:
@@ -822,8 +799,8 @@ async def test_infinity_redirect_is_not_followed(client: Any, fake_infinity: Any
     elsewhere.router.add_route("*", "/{tail:.*}", record)
     other = await aiohttp_server(elsewhere, host="127.0.0.1")
     fake_infinity.fault = answer_with(307, {}, headers={"Location": str(other.make_url("/stolen"))})
-    status, answer = await rerank(client, {"query": "q", "documents": ["a"]})
-    assert_error(status, answer, 502, "307")
+    answer = await post(client, {"query": "q", "documents": ["a"]})
+    assert_error(answer, 502, "upstream_error", "307")
     response = await client.post("/v1/embeddings", data=b'{"input": ["x"]}', allow_redirects=False)
     assert response.status == 307  # forwarded verbatim, Location included, not followed
     assert response.headers["Location"] == str(other.make_url("/stolen"))
@@ -833,36 +810,35 @@ async def test_infinity_redirect_is_not_followed(client: Any, fake_infinity: Any
 async def test_unreachable_infinity_is_502_naming_the_url(make_proxy: Any, unlistened_socket: socket.socket) -> None:
     url = f"http://127.0.0.1:{unlistened_socket.getsockname()[1]}/v1"
     client = await make_proxy(infinity_url=url)
-    status, answer = await rerank(client, {"query": "q", "documents": ["a"]})
-    assert_error(status, answer, 502, f"{url}/classify", "cannot reach")
+    answer = await post(client, {"query": "q", "documents": ["a"]})
+    assert_error(answer, 502, "upstream_error", f"{url}/classify", "cannot reach")
 
 
 async def test_rerank_slower_than_timeout_is_504_within_the_timeout(make_proxy: Any, fake_infinity: Any) -> None:
     client = await make_proxy(timeout=0.5)
     fake_infinity.delay = 3600  # never, for this test: the 504 is the proxy's own timer
     started = time.monotonic()
-    status, answer = await rerank(client, {"query": "q", "documents": ["a"]})
-    assert_error(status, answer, 504, "--timeout", "0.5")
+    answer = await post(client, {"query": "q", "documents": ["a"]})
+    assert_error(answer, 504, "timeout_error", "--timeout", "0.5")
     assert time.monotonic() - started < 0.5 + LOADED_MACHINE_SLACK
 
 
 async def test_unknown_route_is_json_404(client: Any) -> None:
-    response = await client.get("/nothing/here")
-    assert_error(response.status, await response.json(), 404, "no route", "/nothing/here")
+    assert_error(await send(client, "GET", "/nothing/here"), 404, "not_found_error", "no route", "/nothing/here")
 
 
 @pytest.mark.parametrize("path", ["/rerank", "/v1/rerank", "/v2/rerank"])
 async def test_wrong_method_on_rerank_route_is_local_json_405(client: Any, fake_infinity: Any, path: str) -> None:
-    response = await client.get(path)
-    assert_error(response.status, await response.json(), 405, "GET", "POST")
-    assert response.headers["Allow"] == "POST"
+    answer = await send(client, "GET", path)
+    assert_error(answer, 405, "method_not_allowed", "GET", "POST")
+    assert answer.headers["Allow"] == "POST"
     assert fake_infinity.forwarded == []
 
 
 async def test_body_larger_than_max_body_size_is_json_413(make_proxy: Any) -> None:
     client = await make_proxy(max_body_size=1000)
-    status, answer = await rerank(client, {"query": "q", "documents": ["x" * 2000]})
-    assert_error(status, answer, 413, "--max-body-size", "1000")
+    answer = await post(client, {"query": "q", "documents": ["x" * 2000]})
+    assert_error(answer, 413, "request_too_large", "--max-body-size", "1000")
 
 
 async def test_a_bug_is_500_with_request_id_logged_with_traceback(
@@ -872,9 +848,9 @@ async def test_a_bug_is_500_with_request_id_logged_with_traceback(
 
     monkeypatch.setattr(proxy, "plan_prompts", broken)
     with caplog.at_level(logging.INFO, logger="proxy-classifier"):
-        response = await client.post("/v1/rerank", json={"query": "q", "documents": ["a"]},
-                                     headers={"X-Request-ID": "req-42"})
-    assert_error(response.status, await response.json(), 500, "req-42")
+        answer = await send(client, "POST", "/v1/rerank", json={"query": "q", "documents": ["a"]},
+                            headers={"X-Request-ID": "req-42"})
+    assert_error(answer, 500, "internal_error", "req-42")
     failure = next(r for r in caplog.records if r.levelno == logging.ERROR)
     assert "req-42" in failure.getMessage() and failure.exc_info[0] is ZeroDivisionError
 
@@ -936,7 +912,7 @@ async def test_log_line_of_a_failed_request_counts_the_calls_it_made(
     client = await make_proxy(batch_size=2)
     fake_infinity.fault = answer_with(503, {"error": {"message": "down"}})
     with caplog.at_level(logging.INFO, logger="proxy-classifier"):
-        await rerank(client, {"query": "q", "documents": ["a", "b", "c"]})
+        await post(client, {"query": "q", "documents": ["a", "b", "c"]})
     line = next(r.getMessage() for r in caplog.records if r.name == "proxy-classifier")
     assert "status=502 documents=3 chunks=3 upstream_calls=2" in line
 
@@ -950,7 +926,7 @@ async def test_log_line_of_a_failed_request_counts_the_calls_it_made(
 async def test_without_api_key_the_clients_authorization_is_forwarded(
         make_proxy: Any, fake_infinity: Any, infinity_api_key: str) -> None:
     client = await make_proxy(infinity_api_key=infinity_api_key)
-    await rerank(client, {"query": "q", "documents": ["a"]}, headers={"Authorization": "Bearer client-token"})
+    await post(client, {"query": "q", "documents": ["a"]}, headers={"Authorization": "Bearer client-token"})
     await client.get("/v1/models", headers={"Authorization": "Bearer client-token"})
     assert fake_infinity.classify_headers[0]["Authorization"] == "Bearer client-token"
     assert fake_infinity.forwarded[0][3]["Authorization"] == "Bearer client-token"
@@ -963,8 +939,8 @@ async def test_with_api_key_a_missing_or_wrong_key_is_401(make_proxy: Any, fake_
     headers = {"Authorization": authorization} if authorization else {}
     for method, path in (("POST", "/rerank"), ("POST", "/v1/rerank"), ("POST", "/v2/rerank"), ("GET", "/models"),
                          ("GET", "/v1/models"), ("POST", "/v1/embeddings"), ("GET", "/v1/anything")):
-        response = await client.request(method, path, json={"query": "q", "documents": ["a"]}, headers=headers)
-        assert_error(response.status, await response.json(), 401, "Authorization: Bearer")
+        answer = await send(client, method, path, json={"query": "q", "documents": ["a"]}, headers=headers)
+        assert_error(answer, 401, "authentication_error", "Authorization: Bearer")
     assert fake_infinity.classify_bodies == [] and fake_infinity.forwarded == []
 
 
@@ -973,16 +949,16 @@ async def test_with_api_key_the_right_key_passes_and_infinity_gets_the_proxys_ke
     client = await make_proxy(api_key="secret", infinity_api_key="upstream-key")
     fake_infinity.api_key = "upstream-key"
     for scheme in ("Bearer", "bearer", "BEARER"):
-        status, _ = await rerank(client, {"query": "q", "documents": ["a"]},
-                                 headers={"Authorization": f"{scheme} secret"})
-        assert status == 200
+        answer = await post(client, {"query": "q", "documents": ["a"]},
+                            headers={"Authorization": f"{scheme} secret"})
+        assert answer.status == 200
     assert {h["Authorization"] for h in fake_infinity.classify_headers} == {"Bearer upstream-key"}
 
 
 async def test_with_api_key_and_no_infinity_key_infinity_gets_no_authorization(
         make_proxy: Any, fake_infinity: Any) -> None:
     client = await make_proxy(api_key="secret")
-    await rerank(client, {"query": "q", "documents": ["a"]}, headers={"Authorization": "Bearer secret"})
+    await post(client, {"query": "q", "documents": ["a"]}, headers={"Authorization": "Bearer secret"})
     assert "Authorization" not in fake_infinity.classify_headers[0]
 
 
@@ -1035,11 +1011,10 @@ async def test_infinitys_own_404_comes_back_verbatim(client: Any) -> None:
 
 
 async def test_path_outside_the_prefix_is_a_local_404(client: Any, fake_infinity: Any) -> None:
-    response = await client.post("/embeddings", json={})
-    assert_error(response.status, await response.json(), 404, "no route")
-    response = await client.session.get(URL(f"{client.make_url('/')}v1/../health", encoded=True))
+    assert_error(await send(client, "POST", "/embeddings", json={}), 404, "not_found_error", "no route")
+    answer = await send(client.session, "GET", URL(f"{client.make_url('/')}v1/../health", encoded=True))
     # sent as is (a client library would have normalised it away), refused before it is forwarded
-    assert_error(response.status, await response.json(), 404, "no route", "/v1/../health")
+    assert_error(answer, 404, "not_found_error", "no route", "/v1/../health")
     assert fake_infinity.forwarded == []
 
 
@@ -1055,16 +1030,16 @@ async def test_with_an_empty_prefix_everything_else_is_forwarded(make_proxy: Any
     response = await client.post("/v1/embeddings", data=b"{}")
     assert response.status == 200
     assert fake_infinity.forwarded[0][1] == "/v1/embeddings"
-    status, answer = await rerank(client, {"query": "q", "documents": ["a"]}, "/rerank")
-    assert_error(status, answer, 502, "404", "prefix")  # this Infinity has no /classify without its prefix
+    answer = await post(client, {"query": "q", "documents": ["a"]}, "/rerank")
+    assert_error(answer, 502, "upstream_error", "404", "prefix")  # this Infinity has no /classify without its prefix
 
 
 @pytest.mark.parametrize(("body", "param"), [(b'{"model": "m", "input": ["ok", "  "]}', "input[1]"),
                                              (b'{"model": "m", "input": ""}', "input")])
 async def test_forwarded_call_with_a_blank_input_is_400_and_not_sent(
         client: Any, fake_infinity: Any, body: bytes, param: str) -> None:
-    response = await client.post("/v1/embeddings", data=body)
-    assert_error(response.status, await response.json(), 400, param, "empty", param=param)
+    answer = await post(client, body, "/v1/embeddings")
+    assert_error(answer, 400, "invalid_request_error", param, "empty", param=param)
     assert fake_infinity.forwarded == []
 
 
@@ -1107,14 +1082,12 @@ async def test_ready_is_200_when_infinity_answers_else_503(make_proxy: Any, fake
     response = await client.get("/ready")
     assert (response.status, await response.json()) == (200, {"status": "ready"})
     down = await make_proxy(infinity_url=f"http://127.0.0.1:{unlistened_socket.getsockname()[1]}/v1")
-    response = await down.get("/ready")
-    assert_error(response.status, await response.json(), 503, "not ready")
+    assert_error(await send(down, "GET", "/ready"), 503, "service_unavailable", "not ready")
 
 
 @pytest.mark.parametrize("path", ["/health", "/ready", "/models", "/info", "/v1/info"])
 async def test_local_routes_answer_other_methods_with_405(client: Any, fake_infinity: Any, path: str) -> None:
-    response = await client.post(path, data=b"{}")
-    assert_error(response.status, await response.json(), 405, "POST", "GET")
+    assert_error(await post(client, b"{}", path), 405, "method_not_allowed", "POST", "GET")
     assert fake_infinity.forwarded == []
 
 
@@ -1285,7 +1258,7 @@ PROBE = proxy.prompt_for(*proxy.ANCHOR_PROBE).rstrip()
 
 
 async def test_every_input_is_the_prompt_then_the_pad_anchor(client: Any, fake_infinity: Any) -> None:
-    await rerank(client, {"query": "q", "documents": ["a", "b \n"], "instruction": "i"})
+    await post(client, {"query": "q", "documents": ["a", "b \n"], "instruction": "i"})
     assert fake_infinity.inputs == [proxy.prompt_for("q", d, "i") + "<|endoftext|>" for d in ("a", "b \n")]
     # Infinity strips every input: the anchor keeps the prompt's own trailing newline from being cut.
     assert [text.strip() for text in fake_infinity.inputs] == fake_infinity.inputs
@@ -1293,9 +1266,9 @@ async def test_every_input_is_the_prompt_then_the_pad_anchor(client: Any, fake_i
 
 async def test_the_self_check_runs_once_per_model_before_its_first_call(client: Any, fake_infinity: Any) -> None:
     fake_infinity.delay = 0.2  # the first requests arrive together, while the check runs
-    answers = await asyncio.gather(*(rerank(client, {"query": "q", "documents": [str(i)]}) for i in range(5)))
-    assert [status for status, _ in answers] == [200] * 5
-    await rerank(client, {"query": "q", "documents": ["later"]})
+    answers = await asyncio.gather(*(post(client, {"query": "q", "documents": [str(i)]}) for i in range(5)))
+    assert [answer.status for answer in answers] == [200] * 5
+    await post(client, {"query": "q", "documents": ["later"]})
     # One input a call: in one batch the bare probe would be padded.
     assert fake_infinity.probe_bodies == [{"model": SERVED_MODEL, "input": [PROBE]},
                                           {"model": SERVED_MODEL, "input": [PROBE + "<|endoftext|>"]}]
@@ -1305,10 +1278,10 @@ async def test_the_self_check_runs_once_per_model_before_its_first_call(client: 
 async def test_a_model_that_pads_with_another_token_is_sent_the_anchor_it_skips(
         client: Any, fake_infinity: Any) -> None:
     fake_infinity.pad_token = "<|im_end|>"
-    status, answer = await rerank(client, {"query": "q", "documents": ["a", "b"], "raw_scores": True})
-    assert status == 200
+    answer = await post(client, {"query": "q", "documents": ["a", "b"], "raw_scores": True})
+    assert answer.status == 200
     assert fake_infinity.inputs == [proxy.prompt_for("q", d) + "<|im_end|>" for d in ("a", "b")]
-    assert {r["index"]: r["relevance_score"] for r in answer["results"]} == {
+    assert {r["index"]: r["relevance_score"] for r in answer.body["results"]} == {
         i: pytest.approx(proxy.log_odds(hashed_probability(proxy.prompt_for("q", d)))) for i, d in enumerate("ab")}
     assert [body["input"] for body in fake_infinity.probe_bodies] == [
         [PROBE], [PROBE + "<|endoftext|>"], [PROBE + "<|im_end|>"]]
@@ -1323,8 +1296,8 @@ async def test_a_model_that_skips_no_anchor_is_reported_everywhere_and_still_ser
     # Whatever token the model reads last moves its score: reading an anchor, it scores otherwise than the prompt.
     fake_infinity.score = lambda text: 0.1 if text.endswith(("<|endoftext|>", "<|im_end|>")) else 0.6
     with caplog.at_level(logging.INFO, logger="proxy-classifier"):
-        status, _ = await rerank(client, {"query": "q", "documents": ["a"]})
-    assert status == 200  # the operator decides
+        answer = await post(client, {"query": "q", "documents": ["a"]})
+    assert answer.status == 200  # the operator decides
     [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert repr(SERVED_MODEL) in warning and "pad_token_id" in warning and "config.json" in warning
     report = (await (await client.get("/health")).json())["models"][SERVED_MODEL]
@@ -1347,11 +1320,11 @@ async def test_ready_runs_the_self_check_of_the_default_model(client: Any, fake_
 async def test_a_self_check_that_infinity_refuses_fails_its_request_and_runs_again_next_time(
         client: Any, fake_infinity: Any) -> None:
     fake_infinity.probe_status = 503
-    status, answer = await rerank(client, {"query": "q", "documents": ["a"]})
-    assert status == 502 and "503" in answer["error"]["message"]
+    answer = await post(client, {"query": "q", "documents": ["a"]})
+    assert answer.status == 502 and "503" in answer.body["error"]["message"]
     assert fake_infinity.classify_bodies == []  # no prompt went out with an anchor nobody checked
     fake_infinity.probe_status = 200
-    assert (await rerank(client, {"query": "q", "documents": ["a"]}))[0] == 200
+    assert (await post(client, {"query": "q", "documents": ["a"]})).status == 200
     assert len(fake_infinity.probe_bodies) == 1 + 2  # the refused bare probe; then the whole check
 
 
@@ -1359,7 +1332,7 @@ async def test_model_names_that_all_mean_the_one_served_model_are_checked_once(
         client: Any, fake_infinity: Any) -> None:
     # With one model loaded, Infinity ignores the name: clients' names must not each cost a check.
     for name in ("first", *(f"alias-{i}" for i in range(10))):
-        assert (await rerank(client, {"query": "q", "documents": ["a"], "model": name}))[0] == 200
+        assert (await post(client, {"query": "q", "documents": ["a"], "model": name})).status == 200
     assert [body["model"] for body in fake_infinity.probe_bodies] == [SERVED_MODEL] * 2  # one check: two calls
     assert set((await (await client.get("/health")).json())["models"]) == {SERVED_MODEL}
     assert fake_infinity.model_lookups == 1  # the list is read again only for a name it lacks, and not often
@@ -1369,7 +1342,7 @@ async def test_where_infinity_cannot_list_its_models_each_name_is_checked_as_it_
         client: Any, fake_infinity: Any) -> None:
     fake_infinity.models_status = 401
     for name in ("a", "b", "a"):
-        assert (await rerank(client, {"query": "q", "documents": ["d"], "model": name}))[0] == 200
+        assert (await post(client, {"query": "q", "documents": ["d"], "model": name})).status == 200
     assert [body["model"] for body in fake_infinity.probe_bodies] == ["a", "a", "b", "b"]  # a check: two calls
 
 
@@ -1433,10 +1406,10 @@ def qwen3_labels(fake: Any) -> None:
 async def test_a_model_named_qwen3_reranker_in_any_case_gets_the_model_cards_prompt(
         client: Any, fake_infinity: Any, model: str) -> None:
     qwen3_labels(fake_infinity)
-    status, answer = await rerank(client, {"query": "q?", "documents": ["a", " b "], "model": model})
-    assert status == 200
+    answer = await post(client, {"query": "q?", "documents": ["a", " b "], "model": model})
+    assert answer.status == 200
     assert fake_infinity.inputs == [qwen3_card_input("q?", "a"), qwen3_card_input("q?", " b ")]
-    assert {r["index"]: r["relevance_score"] for r in answer["results"]} == {
+    assert {r["index"]: r["relevance_score"] for r in answer.body["results"]} == {
         0: hashed_probability(qwen3_card_input("q?", "a").removesuffix("<|endoftext|>")),
         1: hashed_probability(qwen3_card_input("q?", " b ").removesuffix("<|endoftext|>"))}
 
@@ -1447,10 +1420,10 @@ async def test_qwen3_instruction_comes_from_the_request_then_the_flag_then_the_t
     model = "qwen3-reranker-0.6b"
     default = await make_proxy()
     for instruction in ("Find code", ""):  # "" keeps an empty <Instruct> line, as the card's format_instruction does
-        await rerank(default, {"query": "q", "documents": ["d"], "model": model, "instruction": instruction})
-    await rerank(default, {"query": "q", "documents": ["d"], "model": model})
+        await post(default, {"query": "q", "documents": ["d"], "model": model, "instruction": instruction})
+    await post(default, {"query": "q", "documents": ["d"], "model": model})
     flagged = await make_proxy(instruction="From the flag")
-    await rerank(flagged, {"query": "q", "documents": ["d"], "model": model})
+    await post(flagged, {"query": "q", "documents": ["d"], "model": model})
     assert fake_infinity.inputs == [qwen3_card_input("q", "d", "Find code"), qwen3_card_input("q", "d", ""),
                                     qwen3_card_input("q", "d"), qwen3_card_input("q", "d", "From the flag")]
 
@@ -1458,11 +1431,11 @@ async def test_qwen3_instruction_comes_from_the_request_then_the_flag_then_the_t
 async def test_the_template_flag_holds_for_every_model_name(make_proxy: Any, fake_infinity: Any) -> None:
     qwen3_labels(fake_infinity)
     client = await make_proxy(template="qwen3-reranker")
-    assert (await rerank(client, {"query": "q", "documents": ["d"], "model": "my-alias"}))[0] == 200
+    assert (await post(client, {"query": "q", "documents": ["d"], "model": "my-alias"})).status == 200
     assert fake_infinity.inputs == [qwen3_card_input("q", "d")]
     mxbai = await make_proxy(template="mxbai-rerank-v2")
     fake_infinity.labels = FakeLabels.mxbai
-    await rerank(mxbai, {"query": "q", "documents": ["d"], "model": "qwen3-reranker"})
+    await post(mxbai, {"query": "q", "documents": ["d"], "model": "qwen3-reranker"})
     assert fake_infinity.inputs[-1] == proxy.classify_input("q", "d")
 
 
@@ -1475,10 +1448,10 @@ class FakeLabels:
 async def test_positive_label_follows_the_template_unless_the_flag_names_one(make_proxy: Any, fake_infinity: Any) -> None:
     fake_infinity.labels = lambda p1: [{"label": "yes", "score": 0.25}, {"label": "no", "score": 0.75}]
     qwen3 = await make_proxy()
-    answer = (await rerank(qwen3, {"query": "q", "documents": ["d"], "model": "qwen3-reranker"}))[1]
+    answer = (await post(qwen3, {"query": "q", "documents": ["d"], "model": "qwen3-reranker"})).body
     assert answer["results"][0]["relevance_score"] == 0.25
     flagged = await make_proxy(positive_label="no")
-    answer = (await rerank(flagged, {"query": "q", "documents": ["d"], "model": "qwen3-reranker"}))[1]
+    answer = (await post(flagged, {"query": "q", "documents": ["d"], "model": "qwen3-reranker"})).body
     assert answer["results"][0]["relevance_score"] == 0.75
 
 
@@ -1501,7 +1474,7 @@ async def test_request_metrics_and_log_lines_name_the_template(client: Any, fake
                                                             caplog: pytest.LogCaptureFixture) -> None:
     qwen3_labels(fake_infinity)
     with caplog.at_level(logging.INFO, logger="proxy-classifier"):
-        await rerank(client, {"query": "q", "documents": ["d"], "model": "qwen3-reranker"})
+        await post(client, {"query": "q", "documents": ["d"], "model": "qwen3-reranker"})
     assert "template=qwen3-reranker " in caplog.records[-1].getMessage()
     metrics = await (await client.get("/metrics")).text()
     assert 'rerank_proxy_requests_total{route="/v1/rerank",status="200",template="qwen3-reranker"} 1.0' in metrics
@@ -1559,8 +1532,8 @@ async def test_a_template_file_adds_a_template_chosen_by_its_models(make_proxy: 
            "query_line": "Q={query};", "document_line": "D={document};", "suffix": "A:", "positive_label": "1",
            "labels": ["0", "1"], "default_instruction": "rank it", "instruction_optional": False}
     client = await make_proxy(template_file=template_file(tmp_path, own))
-    await rerank(client, {"query": "q", "documents": ["d"], "model": "the-MY-RERANKER-v1"})
-    await rerank(client, {"query": "q", "documents": ["d"], "model": "other"})
+    await post(client, {"query": "q", "documents": ["d"], "model": "the-MY-RERANKER-v1"})
+    await post(client, {"query": "q", "documents": ["d"], "model": "other"})
     assert fake_infinity.inputs == ["P:I=rank it;Q=q;D=d;A:<|endoftext|>", proxy.classify_input("q", "d")]
 
 
@@ -1603,10 +1576,10 @@ async def test_a_cross_encoder_is_scored_by_infinitys_rerank_in_the_shape_asked_
         client: Any, fake_infinity: Any, path: str, field: str, raw: bool) -> None:
     fake_infinity.models, fake_infinity.cross_encoders = ["my-cross-encoder"], {"my-cross-encoder"}
     documents = ["alpha", "beta", "gamma", "delta"]
-    status, answer = await rerank(client, {"query": "q", field: documents, "raw_scores": raw}, path)
-    assert status == 200
+    answer = await post(client, {"query": "q", field: documents, "raw_scores": raw}, path)
+    assert answer.status == 200
     expected = sorted(((i, cross_encoder_score("q", d, raw)) for i, d in enumerate(documents)), key=lambda x: -x[1])
-    results = answer if field == "texts" else answer["results"]
+    results = answer.body if field == "texts" else answer.body["results"]
     key = "score" if field == "texts" else "relevance_score"
     assert [(r["index"], r[key]) for r in results] == [(i, pytest.approx(s)) for i, s in expected]
     assert fake_infinity.classify_bodies == [] and fake_infinity.probe_bodies == []
@@ -1619,21 +1592,21 @@ async def test_a_cross_encoder_honours_top_n_and_return_documents_and_batches(ma
     fake_infinity.models, fake_infinity.cross_encoders = ["ce", "mxbai"], {"ce"}
     client = await make_proxy(batch_size=3)
     documents = [f"doc {i}" for i in range(7)]
-    status, answer = await rerank(client, {"query": "q", "documents": documents, "model": "ce", "top_n": 2,
-                                           "return_documents": True}, "/v2/rerank")
-    assert status == 200
+    answer = await post(client, {"query": "q", "documents": documents, "model": "ce", "top_n": 2,
+                                 "return_documents": True}, "/v2/rerank")
+    assert answer.status == 200
     order = sorted(range(7), key=lambda i: -cross_encoder_score("q", documents[i]))[:2]
-    assert answer["results"] == [{"index": i, "relevance_score": cross_encoder_score("q", documents[i]),
+    assert answer.body["results"] == [{"index": i, "relevance_score": cross_encoder_score("q", documents[i]),
                                   "document": {"text": documents[i]}} for i in order]
     assert [len(body["documents"]) for body in fake_infinity.rerank_bodies] == [3, 3, 1]
-    assert answer["usage"] == {"prompt_tokens": 21, "total_tokens": 21}
+    assert answer.body["usage"] == {"prompt_tokens": 21, "total_tokens": 21}
 
 
 async def test_beside_a_cross_encoder_a_classify_model_keeps_its_prompts(make_proxy: Any, fake_infinity: Any) -> None:
     fake_infinity.models, fake_infinity.cross_encoders = ["ce", SERVED_MODEL], {"ce"}
     client = await make_proxy()
-    await rerank(client, {"query": "q", "documents": ["d"], "model": "ce"})
-    await rerank(client, {"query": "q", "documents": ["d"]})
+    await post(client, {"query": "q", "documents": ["d"], "model": "ce"})
+    await post(client, {"query": "q", "documents": ["d"]})
     assert fake_infinity.inputs == [proxy.classify_input("q", "d")]
     assert len(fake_infinity.rerank_bodies) == 1
 
@@ -1647,8 +1620,8 @@ async def test_a_cross_encoders_wrong_answer_is_502(client: Any, fake_infinity: 
         return None
 
     fake_infinity.fault = repeated_index
-    status, answer = await rerank(client, {"query": "q", "documents": ["a", "b"]})
-    assert_error(status, answer, 502, "index")
+    answer = await post(client, {"query": "q", "documents": ["a", "b"]})
+    assert_error(answer, 502, "upstream_error", "index")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1660,8 +1633,8 @@ async def test_the_self_check_reads_the_positive_label_the_flag_names(make_proxy
     fake_infinity.labels = lambda p1: sorted([{"label": "LABEL_1", "score": p1}, {"label": "LABEL_0", "score": 1 - p1}],
                                              key=lambda label: -label["score"])
     client = await make_proxy(positive_label="LABEL_1")
-    status, answer = await rerank(client, {"query": "q", "documents": ["d"]})
-    assert status == 200, answer
+    answer = await post(client, {"query": "q", "documents": ["d"]})
+    assert answer.status == 200, answer.body
     assert (await (await client.get("/health")).json())["models"][SERVED_MODEL]["template_check"] == "ok"
 
 
@@ -1669,7 +1642,7 @@ async def test_a_model_named_by_an_alias_gets_the_template_of_the_name_infinity_
         client: Any, fake_infinity: Any) -> None:
     fake_infinity.models = ["Qwen/Qwen3-Reranker-0.6B-seq"]  # one model: Infinity takes any name for it
     qwen3_labels(fake_infinity)
-    assert (await rerank(client, {"query": "q", "documents": ["d"], "model": "my-alias"}))[0] == 200
+    assert (await post(client, {"query": "q", "documents": ["d"], "model": "my-alias"})).status == 200
     assert fake_infinity.inputs == [qwen3_card_input("q", "d")]
 
 
@@ -1678,10 +1651,10 @@ async def test_a_model_list_that_could_not_be_read_is_read_again_soon(
     monkeypatch.setattr(proxy.ServedModels, "RETRY_SECONDS", 0.0)  # read again at once: no waiting here
     fake_infinity.models, fake_infinity.cross_encoders = ["ce"], {"ce"}
     fake_infinity.models_status = 503
-    assert (await rerank(client, {"query": "q", "documents": ["d"], "model": "ce"}))[0] == 200
+    assert (await post(client, {"query": "q", "documents": ["d"], "model": "ce"})).status == 200
     assert fake_infinity.rerank_bodies == []  # not known to be a cross-encoder: prompts
     fake_infinity.models_status = 200
-    assert (await rerank(client, {"query": "q", "documents": ["d"], "model": "ce"}))[0] == 200
+    assert (await post(client, {"query": "q", "documents": ["d"], "model": "ce"})).status == 200
     assert len(fake_infinity.rerank_bodies) == 1
 
 
@@ -1695,15 +1668,14 @@ async def test_a_cross_encoder_score_beyond_any_float_is_502(client: Any, fake_i
         return None
 
     fake_infinity.fault = huge_integer
-    status, answer = await rerank(client, {"query": "q", "documents": ["a"]})
-    assert_error(status, answer, 502, "not a number")
+    answer = await post(client, {"query": "q", "documents": ["a"]})
+    assert_error(answer, 502, "upstream_error", "not a number")
 
 
 async def test_a_cross_encoder_document_utf8_cannot_carry_is_400_naming_it(client: Any, fake_infinity: Any) -> None:
     fake_infinity.models, fake_infinity.cross_encoders = ["ce"], {"ce"}
-    status, answer = await client.post("/v1/rerank", data=b'{"query":"q","documents":["a","b\\ud800"]}'), None
-    answer = await status.json()
-    assert_error(status.status, answer, 400, "surrogate", param="documents[1]")
+    answer = await post(client, b'{"query":"q","documents":["a","b\\ud800"]}')
+    assert_error(answer, 400, "invalid_request_error", "surrogate", param="documents[1]")
     assert fake_infinity.rerank_bodies == []
 
 
@@ -1734,5 +1706,5 @@ def test_a_template_that_would_fail_every_request_stops_the_proxy_at_start(
 async def test_a_file_that_redeclares_the_default_template_replaces_it_for_every_model(
         make_proxy: Any, fake_infinity: Any, tmp_path: Any) -> None:
     client = await make_proxy(template_file=template_file(tmp_path, {**MXBAI_AS_A_FILE, "prefix": "NEW:"}))
-    await rerank(client, {"query": "q", "documents": ["d"], "model": "some-other-model"})
+    await post(client, {"query": "q", "documents": ["d"], "model": "some-other-model"})
     assert fake_infinity.inputs[0].startswith("NEW:query: q\n")

@@ -49,6 +49,7 @@ from tests.helpers import (
     ProxyProcess,
     Upstream,
     answers,
+    assert_error,
     assert_ranked,
     classify_answer,
     costliest_accepted_body,
@@ -77,16 +78,6 @@ def hard_time_limit(request: pytest.FixtureRequest) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------
 # Asking and checking
 # ---------------------------------------------------------------------------------------------
-
-
-def assert_error(answer: Answer, status: int, error_type: str, *words: str, param: str | None = None) -> None:
-    assert answer.status == status, answer.body
-    assert answer.headers["Content-Type"].startswith("application/json")
-    assert isinstance(answer.body, dict) and set(answer.body) == {"error"}, answer.body  # no partial results
-    error = answer.body["error"]
-    assert error == {"message": error["message"], "type": error_type, "param": param, "code": status}
-    for word in words:
-        assert word in error["message"], (word, error["message"])
 
 
 def tasks_running_proxy_code() -> list[asyncio.Task[Any]]:
@@ -903,10 +894,11 @@ async def test_a_query_of_only_whitespace_is_400(client: Any, fake_infinity: Fak
 
 async def test_documents_of_only_whitespace_are_scored_and_never_reach_infinity_empty(
         client: Any, fake_infinity: FakeInfinity) -> None:
-    body = {"query": QUERY, "documents": ["", " ", "    ", "\t\n", "\u3000", "\n\n\n"]}
+    body = {"query": QUERY, "documents": ["", " ", "   ", "    ", "\n", "\t\n", "\u3000", "\n\n\n"]}
     answer = await post(client, body)
     assert_ranked(answer, body)
     assert fake_infinity.empty_inputs == 0
+    assert all(text.strip() for text in fake_infinity.inputs)
 
 
 # ---------------------------------------------------------------------------------------------

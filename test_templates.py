@@ -37,6 +37,7 @@ from tests.helpers import (
     order_of,
     qwen_like_tokenizer,
     rerank,
+    rerank_body,
     running_infinity,
     running_proxy,
     scores_by_index,
@@ -194,7 +195,7 @@ def proxy_server(infinity: Server, logs: Path) -> Iterator[Server]:
 
 
 def rank(server: Server, path: str, field: str, query: str, documents: list[str], **extra: Any) -> Any:
-    return rerank(server.url, path, {"query": query, field: documents, **extra})
+    return rerank(server.url, path, rerank_body(field, query, documents, **extra))
 
 
 ROUTES = [("/v1/rerank", "documents"), ("/v2/rerank", "documents"), ("/rerank", "texts")]

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 import psutil
 import pytest
-from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
+from aiohttp import ClientResponse, ClientSession, ClientTimeout, ContentTypeError, TCPConnector, web
 
 from conftest import (
     LOADED_MACHINE_SLACK,
@@ -264,6 +264,8 @@ def signal_server(proc: subprocess.Popen, sig: signal.Signals) -> None:
 
 
 def http_json(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """A call with the standard library, its body sent as JSON: the status and the answer's JSON, an error status
+    included (returned, not raised)."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method,
                                      headers={"Content-Type": "application/json", **(headers or {})})
@@ -274,10 +276,21 @@ def http_json(method: str, url: str, body: Any = None, headers: dict[str, str] |
         return exc.code, json.loads(exc.read())
 
 
-def rerank(base: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    status, answer = http_json("POST", base + path, body)
+def rerank_body(field: str, query: str, documents: list[str], **extra: Any) -> dict[str, Any]:
+    """A rerank request with its documents under `field`: "documents", or TEI's "texts"."""
+    return {"query": query, field: documents, **extra}
+
+
+def ok_json(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
+    """http_json held to a 200: the answer's JSON."""
+    status, answer = http_json(method, url, body, headers)
     assert status == 200, answer
     return answer
+
+
+def rerank(base: str, path: str, body: dict[str, Any]) -> Any:
+    """ok_json of a rerank body POSTed to the server at `base`."""
+    return ok_json("POST", base + path, body)
 
 
 def sigmoid(x: float) -> float:
@@ -584,18 +597,40 @@ class Answer:
     seconds: float
 
 
-async def post(client: Any, body: Any, path: str = "/v1/rerank") -> Answer:
-    """POST a rerank body through a pytest-aiohttp client or a ClientSession with a base_url."""
-    data = body if isinstance(body, bytes) else json.dumps(body)
-    started = time.monotonic()
-    async with client.post(path, data=data) as response:
-        raw = await response.read()
-        headers = dict(response.headers)
+async def answer_of(response: ClientResponse, started: float) -> Answer:
+    """An aiohttp response read whole; its body parsed as aiohttp's response.json() parses it (None when the
+    answer does not say it is JSON, or is empty or not JSON); `seconds` counted from `started` (time.monotonic())."""
+    await response.read()
     try:
-        parsed = json.loads(raw)
-    except ValueError:
+        parsed = await response.json()
+    except (ContentTypeError, ValueError):
         parsed = None
-    return Answer(response.status, headers, parsed, time.monotonic() - started)
+    return Answer(response.status, dict(response.headers), parsed, time.monotonic() - started)
+
+
+async def send(client: Any, method: str, path: Any, body: Any = None, **kwargs: Any) -> Answer:
+    """Any call through a pytest-aiohttp client or a ClientSession with a base_url: a body that is not bytes or
+    text is sent as its JSON; `kwargs` (headers, json=...) go to aiohttp as they are."""
+    data = body if body is None or isinstance(body, (bytes, str)) else json.dumps(body)
+    started = time.monotonic()
+    async with client.request(method, path, data=data, **kwargs) as response:
+        return await answer_of(response, started)
+
+
+async def post(client: Any, body: Any, path: str = "/v1/rerank", **kwargs: Any) -> Answer:
+    """POST a rerank body (JSON-encoded unless bytes or text) through a pytest-aiohttp client or a ClientSession."""
+    return await send(client, "POST", path, body, **kwargs)
+
+
+def assert_error(answer: Answer, status: int, error_type: str, *words: str, param: str | None = None) -> None:
+    """The contract's JSON error, and nothing else: this status, type and param, and each word in the message."""
+    assert answer.status == status, answer.body
+    assert answer.headers["Content-Type"].startswith("application/json")
+    assert isinstance(answer.body, dict) and set(answer.body) == {"error"}, answer.body  # no partial results
+    error = answer.body["error"]
+    assert error == {"message": error["message"], "type": error_type, "param": param, "code": status}
+    for word in words:
+        assert word in error["message"], (word, error["message"])
 
 
 def expected_scores(query: str, documents: list[str], instruction: str = "") -> list[float]:
