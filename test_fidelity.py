@@ -16,7 +16,6 @@ here (BOUNDARY), and held to the model's own score of the whole prompt as the li
 from __future__ import annotations
 
 import concurrent.futures
-import importlib.util
 import itertools
 import json
 import random
@@ -31,6 +30,7 @@ from conftest import LOCAL_HTTP, proxy
 from tests.helpers import (
     CALL_SECONDS,
     CONTEXT_TOKENS,
+    FIDELITY_PACKAGES,
     HARD_CASES,
     LOG_ODDS_TOLERANCE,
     PASSAGES,
@@ -41,6 +41,7 @@ from tests.helpers import (
     build_tiny_causal_reranker,
     convert,
     log_odds_approx,
+    missing_packages,
     offline_tier,
     ok_json,
     order_of,
@@ -54,8 +55,6 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.e2e
 
-PACKAGES = ("torch", "transformers", "tokenizers", "infinity_emb", "mxbai_rerank", "accelerate", "batched")
-MISSING_PACKAGES = [name for name in PACKAGES if importlib.util.find_spec(name) is None]
 
 PROBABILITY_TOLERANCE = 1e-4  # relevance_score against sigmoid(the library's score)
 EOT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -86,7 +85,7 @@ class Models:
 
 @pytest.fixture(scope="module", autouse=True)
 def fidelity_world() -> Iterator[None]:
-    yield from offline_tier("the fidelity tier", MISSING_PACKAGES, " (mxbai-rerank comes from requirements-fidelity.txt)")
+    yield from offline_tier("the fidelity tier", missing_packages(*FIDELITY_PACKAGES), " (mxbai-rerank comes from requirements-fidelity.txt)")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ own `/rerank`. Nothing here uses the proxy's own prompt code for an expected sco
 
 from __future__ import annotations
 
-import importlib.util
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,12 +26,14 @@ from tests.helpers import (
     IM_START,
     PASSAGES,
     QUERIES,
+    TEMPLATES_PACKAGES,
     Library,
     Server,
     build_tiny_causal_reranker,
     convert,
     http_json,
     log_odds_approx,
+    missing_packages,
     offline_tier,
     order_of,
     qwen_like_tokenizer,
@@ -46,8 +47,6 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.e2e
 
-PACKAGES = ("torch", "transformers", "tokenizers", "infinity_emb", "mxbai_rerank", "accelerate", "sentence_transformers")
-MISSING_PACKAGES = [name for name in PACKAGES if importlib.util.find_spec(name) is None]
 
 TOLERANCE = 1e-4
 EOT, THINK, END_THINK = END_OF_TEXT, "<think>", "</think>"
@@ -138,7 +137,7 @@ class Models:
 
 @pytest.fixture(scope="module", autouse=True)
 def templates_world() -> Iterator[None]:
-    yield from offline_tier("the templates tier", MISSING_PACKAGES)
+    yield from offline_tier("the templates tier", missing_packages(*TEMPLATES_PACKAGES))
 
 
 @pytest.fixture(scope="module")

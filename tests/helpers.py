@@ -46,9 +46,18 @@ from conftest import (
 )
 
 E2E_PACKAGES = ("torch", "transformers", "tokenizers", "infinity_emb", "litellm", "cohere", "mxbai_rerank")
+# The fidelity tier scores with mixedbread's library and its batching; the templates tier builds a cross-encoder.
+FIDELITY_PACKAGES = ("torch", "transformers", "tokenizers", "infinity_emb", "mxbai_rerank", "accelerate", "batched")
+TEMPLATES_PACKAGES = ("torch", "transformers", "tokenizers", "infinity_emb", "mxbai_rerank", "accelerate",
+                      "sentence_transformers")
 
 
-MISSING_PACKAGES = [name for name in E2E_PACKAGES if importlib.util.find_spec(name) is None]
+def missing_packages(*names: str) -> list[str]:
+    """The packages among `names` that this Python cannot import."""
+    return [name for name in names if importlib.util.find_spec(name) is None]
+
+
+MISSING_PACKAGES = missing_packages(*E2E_PACKAGES)
 
 
 # No telemetry, no model hub, and LiteLLM's cost map from its own package (LiteLLM fetches that map
