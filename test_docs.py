@@ -94,6 +94,23 @@ def test_every_help_flag_is_on_the_configuration_page_with_its_variable() -> Non
     assert "`--version`" in configuration and "`--help`" in configuration
 
 
+def test_the_configuration_page_shows_each_options_default_and_no_placeholder() -> None:
+    configuration = (DOCS / "configuration.md").read_text()
+    assert not re.search(r"^[A-Z][A-Z_]{5,}$", configuration, re.M), "a placeholder is left in docs/configuration.md"
+    defaults = proxy.Config()
+    for flag, _, _ in proxy.OPTIONS:
+        row = next(line for line in configuration.splitlines() if line.startswith(f"| `{flag}` |"))
+        value = getattr(defaults, flag[2:].replace("-", "_"))
+        shown = "(none)" if value in ("", None) else f"{value:g}" if isinstance(value, float) else str(value)
+        assert f"| `{shown}`" in row or f"| {shown} |" in row or f"| `{shown}` (" in row, (flag, shown, row)
+
+
+def test_the_readme_sets_up_and_tests_as_ci_does() -> None:
+    ci, readme = (ROOT / ".ci" / "run").read_text(), README.read_text()
+    assert "./setup.sh --dev" in ci and ".venv/bin/python -m pytest" in ci
+    assert "./setup.sh --dev" in readme and ".venv/bin/python -m pytest" in readme
+
+
 def test_the_log_levels_on_the_configuration_page_are_the_ones_the_proxy_takes() -> None:
     row = next(line for line in (DOCS / "configuration.md").read_text().splitlines() if line.startswith("| `--log-level`"))
     meaning = row.split("|")[4].split(", in any case")[0]

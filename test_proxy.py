@@ -448,8 +448,6 @@ async def test_empty_documents_answer_no_results_without_calling_infinity(client
 @pytest.mark.parametrize(("change", "param", "words"), [
     ({"query": None}, "query", ["required"]),
     ({"query": 3}, "query", ["string"]),
-    ({"query": ""}, "query", ["empty"]),
-    ({"query": "  \n\t"}, "query", ["whitespace"]),
     ({"documents": None}, "documents", ["required"]),
     ({"documents": "a"}, "documents", ["list"]),
     ({"documents": [1]}, "documents[0]", ["string"]),
@@ -1231,23 +1229,6 @@ def test_dockerfile_runs_the_proxy_as_non_root_with_a_stdlib_healthcheck() -> No
     assert re.search(r"^\s*HOST=0\.0\.0\.0$", dockerfile, re.M)  # a container listens on every interface
     # requirements are installed before the code is copied, so code changes keep the cached layer
     assert dockerfile.index("requirements.txt") < dockerfile.index("COPY proxy-classifier.py")
-
-
-def test_configuration_page_documents_every_option_and_the_test_command_is_cis() -> None:
-    configuration = (ROOT / "docs" / "configuration.md").read_text()
-    readme = (ROOT / "README.md").read_text()
-    for flag, _, _ in proxy.OPTIONS:
-        assert f"`{flag}`" in configuration and f"`{proxy.env_name(flag)}`" in configuration, flag
-    assert not re.search(r"^[A-Z][A-Z_]{5,}$", configuration, re.M), "a placeholder is left in docs/configuration.md"
-    defaults = proxy.Config()
-    for flag, _, _ in proxy.OPTIONS:
-        row = next(line for line in configuration.splitlines() if line.startswith(f"| `{flag}` |"))
-        value = getattr(defaults, flag[2:].replace("-", "_"))
-        shown = "(none)" if value in ("", None) else f"{value:g}" if isinstance(value, float) else str(value)
-        assert f"| `{shown}`" in row or f"| {shown} |" in row or f"| `{shown}` (" in row, (flag, shown, row)
-    ci = (ROOT / ".ci" / "run").read_text()
-    assert "./setup.sh --dev" in ci and ".venv/bin/python -m pytest" in ci
-    assert "./setup.sh --dev" in readme and ".venv/bin/python -m pytest" in readme
 
 
 # ---------------------------------------------------------------------------------------------

@@ -885,7 +885,7 @@ async def test_unicode_and_nul_characters_reach_infinity_verbatim_and_are_scored
     assert fake_infinity.inputs == [proxy.classify_input(body["query"], d) for d in body["documents"]]
 
 
-@pytest.mark.parametrize("query", [" ", "   ", "\t\n ", "\u3000", ""], ids=repr)
+@pytest.mark.parametrize("query", [" ", "   ", "\t\n ", "  \n\t", "\u3000", ""], ids=repr)
 async def test_a_query_of_only_whitespace_is_400(client: Any, fake_infinity: FakeInfinity, query: str) -> None:
     answer = await post(client, {"query": query, "documents": DOCUMENTS})
     assert_error(answer, 400, "invalid_request_error", "empty or only whitespace", param="query")
