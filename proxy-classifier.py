@@ -116,7 +116,6 @@ class Template:
     def prompt(self, query: str, document: str, instruction: str = "") -> str:
         """The exact text the model was trained to score for one query and one document."""
         return self.head(query, instruction) + document + self.tail
-        return self.head(query, instruction) + document + self.tail
 
 
 QWEN_SYSTEM = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
@@ -394,7 +393,8 @@ class Config:
                         "model name sent to Infinity and echoed when a request names none")
     timeout: float = option(60.0, "seconds a whole rerank request may take, queueing included (else 504)")
     batch_size: int = option(256, "prompts per /classify call (at most 2048)", least=1)
-    max_concurrency: int = option(64, "/classify calls in flight at once, over all requests", least=1)
+    max_concurrency: int = option(64, "scoring calls to Infinity (/classify, a cross-encoder's /rerank) in flight at "
+                                  "once, over all requests", least=1)
     max_documents: int = option(10_000, "documents allowed in one rerank request", least=1)
     max_body_size: int = option(32 * 1024 * 1024, "bytes allowed in one request body (else 413)", least=1)
     max_query_chars: int = option(4000, "a longer query is cut to this many characters", least=1)
@@ -1310,7 +1310,7 @@ def reuse_tracing() -> TraceConfig:
     only such a connection can be one that Infinity closed while it sat idle."""
 
     async def reused(session: ClientSession, context: Any, params: Any) -> None:
-        if isinstance(context.trace_request_ctx, dict):  # only /classify calls ask
+        if isinstance(context.trace_request_ctx, dict):  # only scoring calls ask
             context.trace_request_ctx["reused"] = True
 
     tracing = TraceConfig()
@@ -1349,19 +1349,23 @@ class Infinity:
         self.session: ClientSession | None = None
         self.fresh_session: ClientSession | None = None
         self.probe_session: ClientSession | None = None
-        self.in_flight = 0  # classify calls holding a slot: the tests count them
+        self.forward_session: ClientSession | None = None
+        self.in_flight = 0  # scoring calls holding a slot: the tests count them
 
     async def open(self) -> None:
         timeout = ClientTimeout(total=self.config.timeout, sock_connect=CONNECT_TIMEOUT_SECONDS)
-        # Room beyond --max-concurrency for probes and forwarded routes, which the semaphore does not bound;
-        # keep-alive pooling does the rest. Keep-alive below uvicorn's 5 s (Infinity's server): the proxy drops an
-        # idle connection before Infinity does, so stale ones stay rare. DNS answers are cached for aiohttp's default
-        # 10 s only: a recreated Infinity container with a new address is found again quickly.
-        connector = TCPConnector(limit=self.config.max_concurrency + 16, limit_per_host=0, keepalive_timeout=4)
+        # The scoring calls' pool, as large as the bound on them. Keep-alive below uvicorn's 5 s (Infinity's server):
+        # the proxy drops an idle connection before Infinity does, so stale ones stay rare. DNS answers are cached for
+        # aiohttp's default 10 s only: a recreated Infinity container with a new address is found again quickly.
+        pool = {"limit": self.config.max_concurrency, "limit_per_host": 0, "keepalive_timeout": 4}
         # No compressed answers: asked for none, and none decoded (bounded_answer refuses one).
         plain = {"auto_decompress": False, "headers": {"Accept-Encoding": "identity"}}
-        self.session = ClientSession(timeout=timeout, connector=connector, skip_auto_headers=("User-Agent",),
+        self.session = ClientSession(timeout=timeout, connector=TCPConnector(**pool), skip_auto_headers=("User-Agent",),
                                      trace_configs=[reuse_tracing()], **plain)
+        # Forwarded routes (embeddings, the model list) have a pool of their own: however many of their answers
+        # stream at once, and however slowly, they never take a connection a rerank needs.
+        self.forward_session = ClientSession(timeout=timeout, connector=TCPConnector(**pool),
+                                             skip_auto_headers=("User-Agent",), **plain)
         # Never reuses a connection: for the one retry after a stale keep-alive connection, and for the proxy's
         # own calls made now and then (the self-check, the model list), which leave no idle connection to go stale.
         self.fresh_session = ClientSession(timeout=timeout, connector=TCPConnector(force_close=True), **plain)
@@ -1370,7 +1374,7 @@ class Infinity:
         self.probe_session = ClientSession(connector=TCPConnector(limit=4, keepalive_timeout=4), **plain)
 
     async def close(self) -> None:
-        for session in (self.session, self.fresh_session, self.probe_session):
+        for session in (self.session, self.fresh_session, self.probe_session, self.forward_session):
             if session is not None:
                 await session.close()
 
@@ -1382,10 +1386,6 @@ class Infinity:
         if self.config.infinity_api_key:
             return {"Authorization": f"Bearer {self.config.infinity_api_key}"}
         return {}
-
-    def uses_own_key(self) -> bool:
-        """A 401/403 from Infinity is the proxy's misconfiguration when the key is not the client's."""
-        return bool(self.config.api_key)
 
     async def classify(self, body: bytes, expected: int, headers: dict[str, str], positive_label: str,
                        raw: bool = False) -> tuple[list[float], int]:
@@ -1468,18 +1468,18 @@ class Infinity:
         return RerankError(502, f"Infinity at {url} closed the connection before a complete answer ({reason}); "
                            "it may have restarted or crashed")
 
-    def failure(self, status: int, headers: Any, raw: bytes, url: str | None = None) -> RerankError:
+    def failure(self, status: int, headers: Any, raw: bytes, url: Any) -> RerankError:
         """Map Infinity's refusal to what the client should see (the contract's error table)."""
         message = infinity_message(status, raw)
         if status == 400:
             return RerankError(400, f"Infinity refused the request: {message}", "model")
         if status in (401, 403):
-            if self.uses_own_key():
+            if self.config.api_key:  # the key is the proxy's, not the client's: the operator's mistake
                 return RerankError(502, f"Infinity refused the proxy's key ({status}: {message}); "
                                    "check --infinity-api-key")
             return RerankError(status, f"Infinity refused the Authorization header: {message}")
         if status == 404:
-            return RerankError(502, f"Infinity answered 404 for {url or self.classify_url}; check the prefix in "
+            return RerankError(502, f"Infinity answered 404 for {url}; check the prefix in "
                                "--infinity-url (it must match Infinity's --url-prefix, e.g. /v1)")
         if status == 422:
             return RerankError(502, f"Infinity refused a call the proxy built (422): {message}. Is "
@@ -1515,20 +1515,14 @@ class Infinity:
         if url.origin() != self.origin:
             raise RerankError(404, f"no route {raw_path}")
         try:
-            async with self.session.request(method, url, data=body or None, headers=headers,
-                                            allow_redirects=False) as response:  # verbatim, redirects too
-                if response.status in (401, 403) and self.uses_own_key():  # the proxy's key: a 502, as for reranks
+            async with self.forward_session.request(method, url, data=body or None, headers=headers,
+                                                    allow_redirects=False) as response:  # verbatim, redirects too
+                if response.status in (401, 403) and self.config.api_key:  # the proxy's key: a 502, as for reranks
                     raise self.failure(response.status, response.headers,
-                                       await bounded_answer(response, ANSWER_BYTES, url))
+                                       await bounded_answer(response, ANSWER_BYTES, url), url)
                 yield response
         except (client_exceptions.ClientError, asyncio.TimeoutError) as exc:
             raise self.unreachable(exc, url) from None
-
-    async def forward(self, method: str, raw_path: str, raw_query: str, body: bytes, headers: dict[str, str],
-                      most: int = MODELS_ANSWER_BYTES) -> tuple[int, Any, bytes]:
-        """A forwarded call's whole answer, up to `most` bytes (else a 502)."""
-        async with self.forwarded(method, raw_path, raw_query, body, headers) as response:
-            return response.status, response.headers, await bounded_answer(response, most, response.url)
 
     async def served_models(self, headers: dict[str, str]) -> dict[str, frozenset[str]]:
         """The model ids Infinity lists at {prefix}/models, with their capabilities; none when it cannot say.
@@ -1554,7 +1548,7 @@ class Infinity:
         except asyncio.TimeoutError:
             return f"{url} did not answer within {within:g} s"
         except client_exceptions.ClientError as exc:
-            return f"cannot reach {url}: {exc or type(exc).__name__}"
+            return f"cannot reach {url}: {str(exc) or type(exc).__name__}"
         except BadAnswer as exc:
             return exc.message
 
@@ -1812,12 +1806,12 @@ class Metrics:
             "rerank_proxy_documents", "Documents (or TEI texts) received in accepted rerank requests",
             ("route", "template"), registry=registry)
         self.upstream_calls = prometheus_client.Counter(
-            "rerank_proxy_upstream_calls", "/classify calls to Infinity, by outcome", ("outcome",), registry=registry)
+            "rerank_proxy_upstream_calls", "Scoring calls to Infinity (/classify, a cross-encoder's /rerank, the self-check), by outcome", ("outcome",), registry=registry)
         self.upstream_seconds = prometheus_client.Histogram(
-            "rerank_proxy_upstream_call_duration_seconds", "Time of one /classify call, from its slot to its answer",
+            "rerank_proxy_upstream_call_duration_seconds", "Time of one scoring call, from its slot to its answer",
             buckets=DURATION_BUCKETS, registry=registry)
         self.upstream_in_flight = prometheus_client.Gauge(
-            "rerank_proxy_upstream_in_flight", "/classify calls in flight", registry=registry)
+            "rerank_proxy_upstream_in_flight", "Scoring calls in flight", registry=registry)
         prometheus_client.Gauge(
             "rerank_proxy_requests_in_progress", "Requests admitted and not yet answered", registry=registry,
         ).set_function(requests_in_progress)
@@ -2064,17 +2058,17 @@ async def forward_to_infinity(request: web.Request, raw_path: str) -> web.Stream
         copy_answer_headers(answer.headers, response, "Content-Encoding")  # never decoded here: passed on as is
         response.headers[REQUEST_ID] = request[REQUEST_ID_KEY]
         response.content_length = answer.content_length
-        await response.prepare(request)
         try:
+            await response.prepare(request)
             async with deadline_in(config.timeout):
                 async for piece in answer.content.iter_chunked(FORWARD_CHUNK_BYTES):
                     await response.write(piece)
-        except (client_exceptions.ClientError, asyncio.TimeoutError):
-            # Begun, the answer cannot become an error any more: the client sees it cut short, as it was.
+            await response.write_eof()
+        except (client_exceptions.ClientError, ConnectionError, asyncio.TimeoutError):
+            # Begun, the answer cannot become an error any more: the client sees it cut short, as it was (and a
+            # client that went away is no failure of Infinity's).
             if request.transport is not None:
                 request.transport.abort()
-            return response
-        await response.write_eof()
     return response
 
 
@@ -2083,10 +2077,10 @@ async def models(request: web.Request) -> web.Response:
     body = await read_body(request)
     infinity = request.app[INFINITY]
     request[STATS].upstream_calls = 1
-    status, answer_headers, answer = await infinity.forward(
-        request.method, infinity.models_path, request.rel_url.raw_query_string, body, forwarded_headers(request))
-    response = web.Response(status=status, body=answer)
-    copy_answer_headers(answer_headers, response)
+    async with infinity.forwarded(request.method, infinity.models_path, request.rel_url.raw_query_string, body,
+                                  forwarded_headers(request)) as answer:
+        response = web.Response(status=answer.status, body=await bounded_answer(answer, MODELS_ANSWER_BYTES, answer.url))
+        copy_answer_headers(answer.headers, response)
     return response
 
 

@@ -451,6 +451,29 @@ async def test_an_endless_forwarded_answer_is_cut_off_at_the_timeout_and_the_nex
     assert await eventually(lambda: upstream.running == 0)
 
 
+async def test_forwarded_answers_streaming_at_once_never_take_the_connections_reranks_need(
+        make_proxy: Callable[..., Awaitable[Any]], upstream: Upstream) -> None:
+    client = await make_proxy(max_concurrency=2, timeout=3.0)
+    trickle = streams_endlessly(None, 0.05)
+
+    async def embeddings_trickle(request: web.Request) -> web.StreamResponse | None:
+        return await trickle(request) if request.path.endswith("/embeddings") else None
+
+    async def stream() -> None:
+        async with client.post("/v1/embeddings", json={"model": "m", "input": ["a"]}) as response:
+            await response.read()  # never ends: the stream holds its connections until cancelled
+
+    upstream.fail_with(embeddings_trickle)
+    streams = [asyncio.create_task(stream()) for _ in range(20)]  # more than the scoring pool's 2 and any spare
+    try:
+        assert await eventually(lambda: client.server.app[proxy.ADMISSION].requests == 20)
+        assert_ranked(await post(client, GOOD), GOOD)
+    finally:
+        for task in streams:
+            task.cancel()
+        await asyncio.gather(*streams, return_exceptions=True)
+
+
 async def test_a_model_list_over_its_stated_size_is_502(client: Any, upstream: Upstream) -> None:
     upstream.fail_with(answers_forwarded(proxy.MODELS_ANSWER_BYTES + 1))
     async with client.get("/v1/models") as response:
