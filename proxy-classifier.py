@@ -2028,11 +2028,13 @@ def forwarded_headers(request: web.Request) -> dict[str, str]:
     return headers
 
 
-def refuse_blank_inputs(body: bytes) -> None:
+def refuse_blank_inputs(body: bytes, max_documents: int) -> None:
     """An input that is empty after stripping can stall Infinity's batch worker for good (while its
-    /health still answers): forwarded calls (/embeddings, /classify) must not carry one either."""
-    if b'"input"' not in body:
+    /health still answers): forwarded calls (/embeddings, /classify) must not carry one either. Every body is
+    read as Infinity reads it (a name may be escaped, the text UTF-16), within the rerank bodies' bound on values."""
+    if not body or body.isspace():
         return
+    refuse_json_that_expands(body, max_documents)
     try:
         parsed = json_loads(body, strict=False)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -2049,8 +2051,8 @@ async def forward_to_infinity(request: web.Request, raw_path: str) -> web.Stream
     streamed through a piece at a time, so an answer of any size (or one that never ends) costs a piece of
     memory, and --timeout bounds it."""
     body = await read_body(request)
-    refuse_blank_inputs(body)
     infinity, config = request.app[INFINITY], request.app[CONFIG]
+    refuse_blank_inputs(body, config.max_documents)
     request[STATS].upstream_calls = 1
     async with infinity.forwarded(request.method, raw_path, request.rel_url.raw_query_string, body,
                                   forwarded_headers(request)) as answer:

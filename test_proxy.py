@@ -1032,8 +1032,12 @@ async def test_with_an_empty_prefix_everything_else_is_forwarded(make_proxy: Any
     assert_error(answer, 502, "upstream_error", "404", "prefix")  # this Infinity has no /classify without its prefix
 
 
-@pytest.mark.parametrize(("body", "param"), [(b'{"model": "m", "input": ["ok", "  "]}', "input[1]"),
-                                             (b'{"model": "m", "input": ""}', "input")])
+@pytest.mark.parametrize(("body", "param"), [
+    (b'{"model": "m", "input": ["ok", "  "]}', "input[1]"),
+    (b'{"model": "m", "input": ""}', "input"),
+    (b'{"model": "m", "\\u0069nput": ["ok", "\\t"]}', "input[1]"),  # the name escaped: Infinity reads "input"
+    ('{"model": "m", "input": [" "]}'.encode("utf-16"), "input[0]"),  # JSON may be UTF-16
+], ids=["list", "string", "escaped name", "utf-16"])
 async def test_forwarded_call_with_a_blank_input_is_400_and_not_sent(
         client: Any, fake_infinity: Any, body: bytes, param: str) -> None:
     answer = await post(client, body, "/v1/embeddings")
