@@ -2101,16 +2101,6 @@ NEVER_REFUSED = {*OPEN_PATHS, "/metrics"}  # cheap, and most needed when the pro
 UNMATCHED = "unmatched"  # the route label of a path no route serves: unknown paths add no series
 
 
-async def continue_if_admitted(request: web.Request) -> None:
-    """curl sends "Expect: 100-continue" with a large body and waits for "100 Continue" before sending it. It
-    gets one only when admission would take the request now; otherwise the middleware's 429 (or 413) is the
-    answer it waits for, and the body is never sent."""
-    if (request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue"
-            and request.app[ADMISSION].would_admit(request.content_length)):
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # as aiohttp's own expect handler: the answer has not started
-
-
 def bearer_matches(header: str | None, key: str) -> bool:
     if not header:
         return False
@@ -2176,25 +2166,40 @@ def error_response(exc: RerankError) -> web.Response:
     return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
 
 
-def refuse_encoded_body(request: web.Request) -> None:
-    """A compressed body is refused from its headers, before any of it is read or decoded. Infinity decodes
-    none either, and no rerank client compresses its bodies; so every bound (--max-body-size,
-    --max-pending-bytes) counts the bytes the proxy really holds, and a gzip bomb costs nothing."""
+def refusal_from_headers(request: web.Request) -> RerankError | None:
+    """What refuses a request from its headers alone: a missing or wrong key (401), or a compressed body (415).
+    A compressed body is refused before any of it is read or decoded: Infinity decodes none either, and no rerank
+    client compresses its bodies; so every bound (--max-body-size, --max-pending-bytes) counts the bytes the proxy
+    really holds, and a gzip bomb costs nothing."""
+    config = request.app[CONFIG]
+    if config.api_key and request.path not in OPEN_PATHS and not bearer_matches(
+            request.headers.get("Authorization"), config.api_key):
+        return RerankError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
     if request.body_exists and encoding not in IDENTITY:
         shown = escaped_for_log(request.headers["Content-Encoding"][:40])
-        raise RerankError(415, f"Content-Encoding {shown!r} is not accepted: send the request body uncompressed "
-                          "(no Content-Encoding header, or 'identity')")
+        return RerankError(415, f"Content-Encoding {shown!r} is not accepted: send the request body uncompressed "
+                           "(no Content-Encoding header, or 'identity')")
+    return None
+
+
+async def continue_if_admitted(request: web.Request) -> None:
+    """curl sends "Expect: 100-continue" with a large body and waits for "100 Continue" before sending it. It
+    gets one only when the headers pass and admission would take the request now; otherwise the middleware's
+    401, 415, 429 or 413 is the answer it waits for, and the body is never sent."""
+    if (request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue"
+            and refusal_from_headers(request) is None and request.app[ADMISSION].would_admit(request.content_length)):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # as aiohttp's own expect handler: the answer has not started
 
 
 async def answer_or_error(request: web.Request, handler: Handler, stats: RequestStats) -> web.StreamResponse:
     """The handler's answer once the key and admission allow it; any error rendered as the contract's JSON."""
     app = request.app
     try:
-        if app[CONFIG].api_key and request.path not in OPEN_PATHS and not bearer_matches(
-                request.headers.get("Authorization"), app[CONFIG].api_key):
-            raise RerankError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
-        refuse_encoded_body(request)
+        refusal = refusal_from_headers(request)
+        if refusal is not None:
+            raise refusal
         if stats.route not in (UNMATCHED, *NEVER_REFUSED):
             app[ADMISSION].admit(stats, request.content_length)
         return await handler(request)
@@ -2284,7 +2289,7 @@ def server_options(config: Config) -> dict[str, Any]:
     # aiohttp's keep-alive timer runs from a connection's opening and from each answer until the next
     # request's headers are complete: at --client-timeout it closes an idle connection, and one whose
     # headers never finish (aiohttp itself bounds only their size). The body has its own deadline (read_body).
-    # auto_decompress off: a request body is never decoded (refuse_encoded_body answers 415 from the headers).
+    # auto_decompress off: a request body is never decoded (refusal_from_headers answers 415 from them).
     return {"keepalive_timeout": config.client_timeout, "auto_decompress": False}
 
 

@@ -191,6 +191,18 @@ async def test_expect_100_continue_gets_continue_only_when_the_request_would_be_
     assert status == 200, answer
 
 
+@pytest.mark.parametrize(("header", "status"), [("Authorization: Bearer wrong\r\n", 401),
+                                               ("Authorization: Bearer key\r\nContent-Encoding: gzip\r\n", 415)])
+async def test_expect_100_continue_gets_no_continue_when_the_headers_are_refused(
+        serve: Serve, header: str, status: int) -> None:
+    client = await serve(api_key="key")
+    refused = await RawClient.to(client)
+    await refused.head(content_length=9_000, extra="Expect: 100-continue\r\n" + header)
+    answered, _, body = await refused.answer()  # the final answer, with no "100 Continue" before it
+    assert (answered, body["error"]["code"]) == (status, status)
+    refused.close()
+
+
 async def test_a_content_length_over_max_body_size_is_413_at_once_before_it_is_read(serve: Serve) -> None:
     client = await serve(max_body_size=1000)
     raw = await RawClient.to(client)
