@@ -1524,13 +1524,16 @@ class Infinity:
         except (client_exceptions.ClientError, asyncio.TimeoutError) as exc:
             raise self.unreachable(exc, url) from None
 
-    async def served_models(self, headers: dict[str, str]) -> dict[str, frozenset[str]]:
-        """The model ids Infinity lists at {prefix}/models, with their capabilities; none when it cannot say.
-        Unpooled, as the self-check: a call made now and then leaves no idle connection to go stale."""
+    async def served_models(self, headers: dict[str, str]) -> dict[str, frozenset[str]] | None:
+        """The model ids Infinity lists at {prefix}/models, with their capabilities; none when it cannot say, and
+        None when it refused the client's own key (another client's may do). Unpooled, as the self-check: a call
+        made now and then leaves no idle connection to go stale."""
         url = self.origin.with_path(self.models_path)
         try:
             async with self.fresh_session.get(url, headers=headers, allow_redirects=False) as response:
                 status, raw = response.status, await bounded_answer(response, MODELS_ANSWER_BYTES, url)
+            if status in (401, 403) and not self.config.api_key:
+                return None
             listed = json_loads(raw, strict=False)["data"] if status == 200 else []
             return {model["id"]: frozenset(c for c in model.get("capabilities") or () if isinstance(c, str))
                     for model in listed if isinstance(model.get("id"), str)}
@@ -1580,7 +1583,9 @@ class ServedModels:
             async with self.reading:  # the first requests share one read
                 if model not in self.capabilities and time.monotonic() - self.read_at > self.REFRESH_SECONDS:
                     listed = await self.infinity.served_models({**headers, **INTERNAL})
-                    # A list that could not be read (Infinity down, or wanting a key this call lacked) is tried
+                    if listed is None:  # this client's key was refused: the next client's key may not be
+                        return self.known(model)
+                    # A list that could not be read (Infinity down, or refusing the proxy's own key) is tried
                     # again after RETRY_SECONDS, not trusted for REFRESH_SECONDS.
                     self.read_at = time.monotonic() - (0 if listed else self.REFRESH_SECONDS - self.RETRY_SECONDS)
                     self.capabilities = listed or self.capabilities
@@ -1636,17 +1641,20 @@ class AnchorChecks:
         self.metrics = metrics
         self.positive_label = positive_label  # --positive-label, else each template's
         self.done: dict[str, AnchorCheck] = {}
-        self.running: dict[str, asyncio.Future[AnchorCheck]] = {}
+        self.running: dict[tuple[str, str | None], asyncio.Future[AnchorCheck]] = {}
 
     async def anchor_for(self, model: str, template: Template, headers: dict[str, str]) -> str:
         """The anchor to send to `model` (a name Infinity serves it under: ServedModels.resolve), found by
         the check, which runs here the first time."""
         check = self.done.get(model)
         if check is None:
-            running = self.running.get(model)
+            # Shared by the requests that carry the same Authorization: a check made with a key Infinity refuses
+            # fails for that key's requests only.
+            key = (model, headers.get("Authorization"))
+            running = self.running.get(key)
             if running is None:
-                running = self.running[model] = asyncio.ensure_future(self.check(model, template, headers))
-                running.add_done_callback(lambda _: self.running.pop(model, None))
+                running = self.running[key] = asyncio.ensure_future(self.check(model, template, headers))
+                running.add_done_callback(lambda _: self.running.pop(key, None))
             check = await asyncio.shield(running)  # a request that gives up leaves the check to the others
         return check.anchor_to_send
 

@@ -36,7 +36,7 @@ from conftest import (
     proxy,
     tcp_connections,
 )
-from tests.helpers import assert_error, post, send
+from tests.helpers import GOOD, assert_error, eventually, post, send
 
 QUERY = "What is the capital of the United States?"
 DOCUMENTS = [
@@ -1329,6 +1329,37 @@ async def test_where_infinity_cannot_list_its_models_each_name_is_checked_as_it_
     for name in ("a", "b", "a"):
         assert (await post(client, {"query": "q", "documents": ["d"], "model": name})).status == 200
     assert [body["model"] for body in fake_infinity.probe_bodies] == ["a", "a", "b", "b"]  # a check: two calls
+
+
+async def test_a_self_check_made_with_a_key_infinity_refuses_fails_only_that_keys_requests(
+        client: Any, fake_infinity: Any) -> None:
+    # Without --api-key each client's key goes to Infinity, the self-check's calls included.
+    refused, answer_probe = asyncio.Event(), fake_infinity.answer_probe
+
+    async def probe(request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != "Bearer good":
+            await refused.wait()  # the bad key's check is still running when the good key's request comes
+            return web.json_response({"detail": "Unauthorized"}, status=401)
+        return await answer_probe(request)
+
+    fake_infinity.answer_probe = probe
+    bad = asyncio.create_task(post(client, GOOD, headers={"Authorization": "Bearer bad"}))
+    assert await eventually(lambda: client.server.app[proxy.CHECKS].running)
+    good = asyncio.create_task(post(client, GOOD, headers={"Authorization": "Bearer good"}))
+    await eventually(good.done)  # never, where the good key's request waits on the bad key's check
+    refused.set()
+    assert (await good).status == 200
+    assert_error(await bad, 401, "authentication_error", "Unauthorized")
+
+
+async def test_a_model_list_refused_for_one_clients_key_is_read_again_with_the_next_clients(
+        client: Any, fake_infinity: Any) -> None:
+    fake_infinity.api_key = "good"
+    fake_infinity.models, fake_infinity.cross_encoders = ["my-cross-encoder"], {"my-cross-encoder"}
+    assert (await post(client, GOOD, headers={"Authorization": "Bearer bad"})).status == 401
+    answer = await post(client, GOOD, headers={"Authorization": "Bearer good"})
+    assert answer.status == 200
+    assert [body["documents"] for body in fake_infinity.rerank_bodies] == [GOOD["documents"]]
 
 
 # ---------------------------------------------------------------------------------------------
