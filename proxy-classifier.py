@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import errno
 import functools
@@ -1244,6 +1245,11 @@ MODELS_ANSWER_BYTES = 1024 * 1024  # GET /models: Infinity's list of a few model
 FORWARD_CHUNK_BYTES = 64 * 1024  # other forwarded routes are streamed through, a piece at a time
 
 
+# When the request being served runs out of --timeout (the loop's clock): a call it cancels then is counted as a
+# timeout, not as a client gone. Tasks started for the request see it too (they copy its context).
+REQUEST_DEADLINE = contextvars.ContextVar("request_deadline", default=math.inf)
+
+
 class BadAnswer(RerankError):
     """An answer from Infinity that the proxy will not take: too large, or compressed."""
 
@@ -1403,7 +1409,7 @@ class Infinity:
                      read: Callable[[Any], tuple[list[float], int]]) -> tuple[list[float], int]:
         """A call for `expected` scores, within the bound on calls in flight, its answer read by `read`; its
         outcome counted in rerank_proxy_upstream_calls_total."""
-        outcome = "cancelled"  # unless the call ends otherwise: its request gave up (client gone, --timeout)
+        outcome = "cancelled"  # unless the call ends otherwise: its request gave up (the client went away)
         try:
             status, answer_headers, raw = await self.timed_post(url, body, headers, expected, pooled)
             if status != 200:
@@ -1418,6 +1424,8 @@ class Infinity:
                 outcome = "timeout" if exc.status == 504 else "bad_answer" if isinstance(exc, BadAnswer) else "unreachable"
             raise
         finally:
+            if outcome == "cancelled" and asyncio.get_running_loop().time() >= REQUEST_DEADLINE.get():
+                outcome = "timeout"  # the request's --timeout cancelled it
             self.metrics.labelled(self.metrics.upstream_calls, outcome).inc()
 
     async def timed_post(self, url: str, body: bytes, headers: dict[str, str], expected: int,
@@ -1450,7 +1458,7 @@ class Infinity:
                 if attempt == 2 or not connection["reused"]:
                     raise self.unreachable(exc, url) from None
                 session = self.fresh_session
-            except client_exceptions.ClientError as exc:
+            except (client_exceptions.ClientError, asyncio.TimeoutError) as exc:  # aiohttp's total timeout too
                 raise self.unreachable(exc, url) from None
         raise AssertionError("unreachable")
 
@@ -1968,6 +1976,7 @@ async def rerank(request: web.Request, shape: AnswerShape, speaks_tei: bool = Fa
     tokens = 0
     if rerank_request.documents:  # none: an empty answer, and nothing asked of Infinity
         headers = upstream_headers(request)
+        REQUEST_DEADLINE.set(asyncio.get_running_loop().time() + config.timeout)
         try:
             async with deadline_in(config.timeout):  # in the request's own task: wait_for would start one more
                 served, capabilities = await request.app[MODELS].resolve(rerank_request.model, headers)

@@ -464,6 +464,16 @@ async def test_refusals_and_upstream_failures_are_counted_by_reason_and_outcome(
     assert value(found, "rerank_proxy_upstream_calls_total", outcome="http_5xx") == 1
 
 
+async def test_a_call_the_requests_timeout_cuts_off_is_counted_as_a_timeout(
+        serve: Serve, fake_infinity: FakeInfinity) -> None:
+    client = await serve(timeout=0.5)
+    fake_infinity.delay = 5.0  # the self-check's calls are answered at once; the request's call is not
+    assert (await post(client, GOOD)).status == 504
+    found = samples(await scrape(client))
+    assert value(found, "rerank_proxy_upstream_calls_total", outcome="timeout") == 1
+    assert value(found, "rerank_proxy_upstream_calls_total", outcome="ok") == 2  # the self-check's
+
+
 async def test_metrics_need_the_api_key_like_every_route_but_the_probes(serve: Serve) -> None:
     client = await serve(api_key="sekret")
     assert (await client.get("/metrics")).status == 401
