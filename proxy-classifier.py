@@ -651,7 +651,7 @@ def orjson_loads(raw: bytes, strict: bool = True) -> Any:
 _escape_json = json.encoder.encode_basestring  # str -> '"escaped"', C-accelerated
 _escape_ascii_json = json.encoder.encode_basestring_ascii  # the same for ASCII text, faster
 # No cycle check: every value it writes is a tree (parsed JSON, or built here), and skipping the check
-# saves about a quarter of writing an answer (timeit, 100 results).
+# saves about a tenth of writing an answer (timeit, 100 results: 87 against 98 us).
 compact_json = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 
 
@@ -663,8 +663,8 @@ def stdlib_escaped_utf8(text: str) -> bytes:
 
 
 def orjson_escaped_utf8(text: str) -> bytes:
-    """The same bytes, about 5 times faster (timeit, a 500-character passage); orjson refuses an unpaired surrogate, and the stdlib
-    escaper then raises the UnicodeEncodeError that names the document."""
+    """The same bytes, 7 to 9 times faster (timeit, a 500-character passage); orjson refuses an unpaired
+    surrogate, and the stdlib escaper then raises the UnicodeEncodeError that names the document."""
     try:
         return orjson.dumps(text)[1:-1]
     except orjson.JSONEncodeError:
@@ -909,7 +909,10 @@ def parse_rerank(body: dict[str, Any], config: Config) -> RerankRequest:
     """Check every field of a rerank body (a 400 naming the first wrong one) and normalise it."""
     query = text_field(body, "query", config.max_query_chars, required=True, cut=True)
     if not query.strip():
-        raise bad_request("'query' must not be empty or only whitespace", "query")
+        cut = len(body["query"]) > config.max_query_chars  # a query is cut to what is scored, then looked at
+        raise bad_request("'query' must not be empty or only whitespace" + (
+            f" in its first {config.max_query_chars} characters (--max-query-chars), all that is scored" if cut else ""),
+            "query")
     if body.get("documents") is None:
         raise bad_request("'documents' is required: a list of strings or objects", "documents")
     documents = document_list(body, "documents", config.max_documents)

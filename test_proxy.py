@@ -476,6 +476,13 @@ async def test_mistyped_or_missing_field_is_400_naming_it(
     assert fake_infinity.classify_bodies == []
 
 
+async def test_a_query_blank_in_all_that_is_scored_is_400_saying_so(make_proxy: Any) -> None:
+    client = await make_proxy(max_query_chars=10)
+    answer = await post(client, {"query": " " * 10 + "late words", "documents": ["a"]})
+    assert_error(answer, 400, "invalid_request_error", "only whitespace in its first 10 characters",
+                 "--max-query-chars", param="query")
+
+
 async def test_every_field_is_checked_before_empty_documents_answer(client: Any) -> None:
     answer = await post(client, {"query": "q", "documents": [], "top_n": "3"})
     assert_error(answer, 400, "invalid_request_error", "top_n", param="top_n")
