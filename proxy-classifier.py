@@ -9,8 +9,8 @@ each model's own prompt for every query and document, sends the prompts to Infin
 client parses; a cross-encoder goes to Infinity's own ``/rerank``.
 
 The file reads top to bottom, each name defined before it is used: the templates, configuration,
-errors and the JSON codec, the translation as pure functions, the upstream client, admission and
-metrics, thin handlers, the middleware and the app factory, main().
+errors and the JSON codec, the translation as pure functions, admission and metrics, the upstream client,
+thin handlers, the middleware and the app factory, main().
 """
 
 from __future__ import annotations
@@ -540,6 +540,9 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
 # --------------------------------------------------------------------------------------------
 # 3. Errors and the JSON codec: one error type; JSON read and written the same way with orjson or without.
 # --------------------------------------------------------------------------------------------
+
+
+RETRY_AFTER = "Retry-After"  # the header of a 429 (the proxy's, or Infinity's passed on)
 
 
 class RerankError(Exception):
@@ -1214,7 +1217,7 @@ def tei_answer(request: RerankRequest, scores: list[float], tokens: int) -> list
     return [{"index": i, "score": scores[i]} for i in ranked(scores, None)]
 
 
-def tei_info(config: Config, template: Template, check: AnchorCheck | None) -> dict[str, Any]:
+def tei_info(config: Config, template: Template, check_report: dict[str, Any] | None) -> dict[str, Any]:
     """TEI's GET /info for the served model: Dify's TEI provider adds a model only when model_type
     says "reranker". TEI's fields that describe its own backend (dtype, token budgets, tokenizer
     workers) have no counterpart here and are left out rather than made up. Beyond TEI's fields: the
@@ -1228,16 +1231,163 @@ def tei_info(config: Config, template: Template, check: AnchorCheck | None) -> d
         "max_client_batch_size": config.max_documents,
         "auto_truncate": True,  # a long text is never refused: it is chunked
         "version": PROXY_VERSION, "sha": None, "docker_label": None,
-        **(check.report() if check else {"template": template.name, "anchor": template.anchors[0],
-                                         "template_check": "unchecked"}),
+        **(check_report or {"template": template.name, "anchor": template.anchors[0], "template_check": "unchecked"}),
     }
 
 
 # --------------------------------------------------------------------------------------------
-# 5. The upstream client: the one place that talks to Infinity.
+# 5. Admission and metrics: what each request holds and what the proxy counts.
 # --------------------------------------------------------------------------------------------
 
-RETRY_AFTER = "Retry-After"
+@dataclass
+class RequestStats:
+    """One request as its log line and its metrics tell it, and what it holds against the admission bounds."""
+
+    route: str  # the matched route's template: never the raw path
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    documents: int = 0
+    chunks: int = 0
+    upstream_calls: int = 0
+    template: str = ""
+    held_bytes: int = 0  # counted against --max-pending-bytes
+    admitted: bool = False  # holds one of --max-concurrent-requests' places
+
+    def milliseconds(self) -> float:
+        return 1000 * (time.perf_counter() - self.started)
+
+
+STATS = web.RequestKey("stats", RequestStats)
+
+RETRY_OVERLOADED_SECONDS = "1"
+
+
+def overloaded(why: str) -> RerankError:
+    return RerankError(429, f"the proxy is overloaded: {why}; retry shortly or use another replica",
+                       headers={RETRY_AFTER: RETRY_OVERLOADED_SECONDS}, kind="overloaded_error")
+
+
+class Admission:
+    """The requests the proxy holds at once and the body bytes they bring. Over either bound a request is
+    refused at once (TEI's --max-concurrent-requests, Envoy's overload manager), not queued until --timeout:
+    together the bounds cap the proxy's memory under any flood, and a router learns at once to go elsewhere."""
+
+    def __init__(self, config: Config) -> None:
+        self.max_requests = config.max_concurrent_requests
+        self.max_bytes = config.max_pending_bytes
+        self.max_body_size = config.max_body_size
+        self.requests = 0
+        self.bytes = 0
+
+    def would_admit(self, declared: int | None) -> bool:
+        declared = declared or 0
+        return (declared <= self.max_body_size and self.requests < self.max_requests
+                and self.bytes + declared <= self.max_bytes)
+
+    def admit(self, stats: RequestStats, declared: int | None) -> None:
+        """Decided from the headers, before any of the body is read."""
+        declared = declared or 0  # a chunked body is counted as it arrives (take)
+        if declared > self.max_body_size:  # refused before reading it, rather than while reading it
+            raise web.HTTPRequestEntityTooLarge(max_size=self.max_body_size, actual_size=declared)
+        if self.requests >= self.max_requests:
+            raise overloaded(f"{self.requests} requests are in hand, the most --max-concurrent-requests allows")
+        self.take(stats, declared)
+        self.requests += 1
+        stats.admitted = True
+
+    def take(self, stats: RequestStats, more: int) -> None:
+        """More bytes for an admitted request: a chunked body as it arrives, its prompts once planned. A request alone
+        may pass the bound (its prompts can): else a request allowed by the other limits could be refused for ever."""
+        if self.bytes + more > self.max_bytes and self.bytes > stats.held_bytes:
+            raise overloaded(f"the requests in hand ({self.bytes} bytes of bodies and prompts, {PROMPT_BYTES} a "
+                             f"prompt and its query) and this one would pass --max-pending-bytes ({self.max_bytes})")
+        self.bytes += more
+        stats.held_bytes += more
+
+    def release(self, stats: RequestStats) -> None:
+        self.requests -= 1
+        self.bytes -= stats.held_bytes
+
+
+ADMISSION = web.AppKey("admission", Admission)
+
+# Why a request was refused or cut off, by its error type: rerank_proxy_rejected_total{reason}.
+REJECTED_AS = {"overloaded_error": "overloaded", "request_timeout_error": "client_timeout",
+               "request_too_large": "too_large"}
+
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+METRICS_CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    """What /metrics shows. A registry of the app's own (tests build many apps in one process), with the
+    library's process, platform and GC collectors. Labels are route templates, statuses and fixed words:
+    never a raw path, a query or a document."""
+
+    def __init__(self, requests_in_progress: Callable[[], float]) -> None:
+        registry = self.registry = prometheus_client.CollectorRegistry()
+        for collector in (prometheus_client.ProcessCollector, prometheus_client.PlatformCollector,
+                          prometheus_client.GCCollector):
+            collector(registry=registry)
+        self.requests = prometheus_client.Counter(
+            "rerank_proxy_requests", "Requests answered, by matched route, status (499: the client went away) and "
+            "template (cross-encoder: passed to Infinity's /rerank; empty: not a rerank, or refused before one)",
+            ("route", "status", "template"), registry=registry)
+        self.request_seconds = prometheus_client.Histogram(
+            "rerank_proxy_request_duration_seconds", "Time from the request's headers to its answer written",
+            ("route",), buckets=DURATION_BUCKETS, registry=registry)
+        self.documents = prometheus_client.Counter(
+            "rerank_proxy_documents", "Documents (or TEI texts) received in accepted rerank requests",
+            ("route", "template"), registry=registry)
+        self.upstream_calls = prometheus_client.Counter(
+            "rerank_proxy_upstream_calls", "Scoring calls to Infinity (/classify, a cross-encoder's /rerank, the self-check), by outcome", ("outcome",), registry=registry)
+        self.upstream_seconds = prometheus_client.Histogram(
+            "rerank_proxy_upstream_call_duration_seconds", "Time of one scoring call, from its slot to its answer",
+            buckets=DURATION_BUCKETS, registry=registry)
+        self.upstream_in_flight = prometheus_client.Gauge(
+            "rerank_proxy_upstream_in_flight", "Scoring calls in flight", registry=registry)
+        prometheus_client.Gauge(
+            "rerank_proxy_requests_in_progress", "Requests admitted and not yet answered", registry=registry,
+        ).set_function(requests_in_progress)
+        self.template_check = prometheus_client.Gauge(
+            "rerank_proxy_template_check", "1 when the served model skips the prompt's pad anchor (its scores are "
+            "its authors'), 0 when it reads it (docs/how-it-works.md)", ("model", "template"), registry=registry)
+        self.rejected = prometheus_client.Counter(
+            "rerank_proxy_rejected", "Requests refused or cut off: overloaded, client_timeout, too_large",
+            ("reason",), registry=registry)
+
+        # Labelled children by their labels: labels() validates and locks on every call. Bounded like the labels.
+        self._answered: dict[tuple[str, int, str], tuple[Any, Any]] = {}
+        self._labelled: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+    def answered(self, stats: RequestStats, status: int) -> None:
+        route, template = stats.route, stats.template
+        children = self._answered.get((route, status, template))
+        if children is None:
+            children = self._answered[route, status, template] = (
+                self.requests.labels(route, str(status), template), self.request_seconds.labels(route))
+        children[0].inc()
+        children[1].observe(time.perf_counter() - stats.started)
+        if stats.documents:
+            self.labelled(self.documents, route, template).inc(stats.documents)
+
+    def labelled(self, metric: Any, *labels: str) -> Any:
+        child = self._labelled.get((metric, labels))
+        if child is None:
+            child = self._labelled[metric, labels] = metric.labels(*labels)
+        return child
+
+    def exposition(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)
+
+
+METRICS = web.AppKey("metrics", Metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. The upstream client: the one place that talks to Infinity.
+# --------------------------------------------------------------------------------------------
+
 IDENTITY = ("", "identity")  # a Content-Encoding that is no encoding
 # Infinity's answers are read up to a size their call justifies, never decoded: a larger, compressed or endless
 # answer is a 502 (504 past --timeout) with bounded memory. A /classify item is about 90 bytes (two labels, two
@@ -1721,155 +1871,6 @@ class AnchorChecks:
 
 
 # --------------------------------------------------------------------------------------------
-# 6. Admission and metrics: what each request holds and what the proxy counts.
-# --------------------------------------------------------------------------------------------
-
-@dataclass
-class RequestStats:
-    """One request as its log line and its metrics tell it, and what it holds against the admission bounds."""
-
-    route: str  # the matched route's template: never the raw path
-    started: float = dataclasses.field(default_factory=time.perf_counter)
-    documents: int = 0
-    chunks: int = 0
-    upstream_calls: int = 0
-    template: str = ""
-    held_bytes: int = 0  # counted against --max-pending-bytes
-    admitted: bool = False  # holds one of --max-concurrent-requests' places
-
-    def milliseconds(self) -> float:
-        return 1000 * (time.perf_counter() - self.started)
-
-
-STATS = web.RequestKey("stats", RequestStats)
-
-RETRY_OVERLOADED_SECONDS = "1"
-
-
-def overloaded(why: str) -> RerankError:
-    return RerankError(429, f"the proxy is overloaded: {why}; retry shortly or use another replica",
-                       headers={RETRY_AFTER: RETRY_OVERLOADED_SECONDS}, kind="overloaded_error")
-
-
-class Admission:
-    """The requests the proxy holds at once and the body bytes they bring. Over either bound a request is
-    refused at once (TEI's --max-concurrent-requests, Envoy's overload manager), not queued until --timeout:
-    together the bounds cap the proxy's memory under any flood, and a router learns at once to go elsewhere."""
-
-    def __init__(self, config: Config) -> None:
-        self.max_requests = config.max_concurrent_requests
-        self.max_bytes = config.max_pending_bytes
-        self.max_body_size = config.max_body_size
-        self.requests = 0
-        self.bytes = 0
-
-    def would_admit(self, declared: int | None) -> bool:
-        declared = declared or 0
-        return (declared <= self.max_body_size and self.requests < self.max_requests
-                and self.bytes + declared <= self.max_bytes)
-
-    def admit(self, stats: RequestStats, declared: int | None) -> None:
-        """Decided from the headers, before any of the body is read."""
-        declared = declared or 0  # a chunked body is counted as it arrives (take)
-        if declared > self.max_body_size:  # refused before reading it, rather than while reading it
-            raise web.HTTPRequestEntityTooLarge(max_size=self.max_body_size, actual_size=declared)
-        if self.requests >= self.max_requests:
-            raise overloaded(f"{self.requests} requests are in hand, the most --max-concurrent-requests allows")
-        self.take(stats, declared)
-        self.requests += 1
-        stats.admitted = True
-
-    def take(self, stats: RequestStats, more: int) -> None:
-        """More bytes for an admitted request: a chunked body as it arrives, its prompts once planned. A request alone
-        may pass the bound (its prompts can): else a request allowed by the other limits could be refused for ever."""
-        if self.bytes + more > self.max_bytes and self.bytes > stats.held_bytes:
-            raise overloaded(f"the requests in hand ({self.bytes} bytes of bodies and prompts, {PROMPT_BYTES} a "
-                             f"prompt and its query) and this one would pass --max-pending-bytes ({self.max_bytes})")
-        self.bytes += more
-        stats.held_bytes += more
-
-    def release(self, stats: RequestStats) -> None:
-        self.requests -= 1
-        self.bytes -= stats.held_bytes
-
-
-ADMISSION = web.AppKey("admission", Admission)
-
-# Why a request was refused or cut off, by its error type: rerank_proxy_rejected_total{reason}.
-REJECTED_AS = {"overloaded_error": "overloaded", "request_timeout_error": "client_timeout",
-               "request_too_large": "too_large"}
-
-DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-
-METRICS_CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
-
-
-class Metrics:
-    """What /metrics shows. A registry of the app's own (tests build many apps in one process), with the
-    library's process, platform and GC collectors. Labels are route templates, statuses and fixed words:
-    never a raw path, a query or a document."""
-
-    def __init__(self, requests_in_progress: Callable[[], float]) -> None:
-        registry = self.registry = prometheus_client.CollectorRegistry()
-        for collector in (prometheus_client.ProcessCollector, prometheus_client.PlatformCollector,
-                          prometheus_client.GCCollector):
-            collector(registry=registry)
-        self.requests = prometheus_client.Counter(
-            "rerank_proxy_requests", "Requests answered, by matched route, status (499: the client went away) and "
-            "template (cross-encoder: passed to Infinity's /rerank; empty: not a rerank, or refused before one)",
-            ("route", "status", "template"), registry=registry)
-        self.request_seconds = prometheus_client.Histogram(
-            "rerank_proxy_request_duration_seconds", "Time from the request's headers to its answer written",
-            ("route",), buckets=DURATION_BUCKETS, registry=registry)
-        self.documents = prometheus_client.Counter(
-            "rerank_proxy_documents", "Documents (or TEI texts) received in accepted rerank requests",
-            ("route", "template"), registry=registry)
-        self.upstream_calls = prometheus_client.Counter(
-            "rerank_proxy_upstream_calls", "Scoring calls to Infinity (/classify, a cross-encoder's /rerank, the self-check), by outcome", ("outcome",), registry=registry)
-        self.upstream_seconds = prometheus_client.Histogram(
-            "rerank_proxy_upstream_call_duration_seconds", "Time of one scoring call, from its slot to its answer",
-            buckets=DURATION_BUCKETS, registry=registry)
-        self.upstream_in_flight = prometheus_client.Gauge(
-            "rerank_proxy_upstream_in_flight", "Scoring calls in flight", registry=registry)
-        prometheus_client.Gauge(
-            "rerank_proxy_requests_in_progress", "Requests admitted and not yet answered", registry=registry,
-        ).set_function(requests_in_progress)
-        self.template_check = prometheus_client.Gauge(
-            "rerank_proxy_template_check", "1 when the served model skips the prompt's pad anchor (its scores are "
-            "its authors'), 0 when it reads it (docs/how-it-works.md)", ("model", "template"), registry=registry)
-        self.rejected = prometheus_client.Counter(
-            "rerank_proxy_rejected", "Requests refused or cut off: overloaded, client_timeout, too_large",
-            ("reason",), registry=registry)
-
-        # Labelled children by their labels: labels() validates and locks on every call. Bounded like the labels.
-        self._answered: dict[tuple[str, int, str], tuple[Any, Any]] = {}
-        self._labelled: dict[tuple[Any, tuple[str, ...]], Any] = {}
-
-    def answered(self, stats: RequestStats, status: int) -> None:
-        route, template = stats.route, stats.template
-        children = self._answered.get((route, status, template))
-        if children is None:
-            children = self._answered[route, status, template] = (
-                self.requests.labels(route, str(status), template), self.request_seconds.labels(route))
-        children[0].inc()
-        children[1].observe(time.perf_counter() - stats.started)
-        if stats.documents:
-            self.labelled(self.documents, route, template).inc(stats.documents)
-
-    def labelled(self, metric: Any, *labels: str) -> Any:
-        child = self._labelled.get((metric, labels))
-        if child is None:
-            child = self._labelled[metric, labels] = metric.labels(*labels)
-        return child
-
-    def exposition(self) -> bytes:
-        return prometheus_client.generate_latest(self.registry)
-
-
-METRICS = web.AppKey("metrics", Metrics)
-
-
-# --------------------------------------------------------------------------------------------
 # 7. Handlers: thin. Read, translate, call, answer.
 # --------------------------------------------------------------------------------------------
 
@@ -2031,7 +2032,8 @@ async def info(request: web.Request) -> web.Response:
     app, config = request.app, request.app[CONFIG]
     model, _ = app[MODELS].known(config.model)
     template = template_for(app[TEMPLATE_SET], config.template, config.model, model)
-    return web.json_response(tei_info(config, template, app[CHECKS].done.get(model)))
+    check = app[CHECKS].done.get(model)
+    return web.json_response(tei_info(config, template, check.report() if check else None))
 
 
 def copy_answer_headers(answer_headers: Any, response: web.StreamResponse, *more: str) -> None:
