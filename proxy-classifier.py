@@ -426,14 +426,6 @@ class Config:
     client_timeout: float = option(30.0, "seconds a client may take to send its headers, and then its body (else "
                                    "408 or the connection is closed), and to read its answer")
 
-    @property
-    def infinity_origin(self) -> URL:
-        return URL(self.infinity_url).origin()
-
-    @property
-    def infinity_prefix(self) -> str:
-        return URL(self.infinity_url).path.rstrip("/")
-
     def check(self) -> None:
         """Raise ValueError with the flag's name for any value the proxy cannot run with."""
         self.check_numbers()
@@ -1045,10 +1037,9 @@ def plan_prompts(request: RerankRequest, config: Config, counter: TokenCounter =
     return ClassifyPlan(template, head, unique, by_document)
 
 
-def classify_batches(plan: ClassifyPlan, batch_size: int) -> list[range]:
-    """Which unique prompts go into each /classify call."""
-    n = len(plan.unique_texts)
-    return [range(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+def batches(count: int, batch_size: int) -> list[range]:
+    """Which of `count` inputs go into each call to Infinity."""
+    return [range(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
 
 
 def document_param(plan: ClassifyPlan, batch: range) -> str:
@@ -1074,7 +1065,7 @@ def classify_bodies(model: str, plan: ClassifyPlan, batch_size: int,
     tail = closing_tail(plan.template, anchor)
     separator = tail + b"," + head
     calls = []
-    for batch in classify_batches(plan, batch_size):
+    for batch in batches(len(texts), batch_size):
         try:
             documents = separator.join(escaped_utf8_each(texts[batch.start:batch.stop]))
         except UnicodeEncodeError:
@@ -1136,9 +1127,9 @@ def cross_encoder_bodies(request: RerankRequest, batch_size: int) -> list[tuple[
     if request.max_tokens_per_doc is not None:  # no tokenizer of the cross-encoder's at hand: about 3 characters a token
         texts = [text[: 3 * request.max_tokens_per_doc] for text in texts]
     texts = [checked_text(text[:INFINITY_MAX_INPUT_CHARS], f"documents[{i}]") for i, text in enumerate(texts)]
-    return [(json_dumps({"model": request.model, "query": request.query, "documents": texts[start:start + batch_size],
-                         "raw_scores": request.raw_scores, "return_documents": False}),
-             len(texts[start:start + batch_size])) for start in range(0, len(texts), batch_size)]
+    return [(json_dumps({"model": request.model, "query": request.query, "documents": texts[batch.start:batch.stop],
+                         "raw_scores": request.raw_scores, "return_documents": False}), len(batch))
+            for batch in batches(len(texts), batch_size)]
 
 
 def cross_encoder_scores(answer: Any, expected: int) -> tuple[list[float], int]:
@@ -1357,17 +1348,12 @@ class Metrics:
             ("reason",), registry=registry)
 
         # Labelled children by their labels: labels() validates and locks on every call. Bounded like the labels.
-        self._answered: dict[tuple[str, int, str], tuple[Any, Any]] = {}
         self._labelled: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
     def answered(self, stats: RequestStats, status: int) -> None:
         route, template = stats.route, stats.template
-        children = self._answered.get((route, status, template))
-        if children is None:
-            children = self._answered[route, status, template] = (
-                self.requests.labels(route, str(status), template), self.request_seconds.labels(route))
-        children[0].inc()
-        children[1].observe(time.perf_counter() - stats.started)
+        self.labelled(self.requests, route, str(status), template).inc()
+        self.labelled(self.request_seconds, route).observe(time.perf_counter() - stats.started)
         if stats.documents:
             self.labelled(self.documents, route, template).inc(stats.documents)
 
@@ -1500,7 +1486,7 @@ class Infinity:
         self.config = config
         self.metrics = metrics
         metrics.upstream_in_flight.set_function(lambda: self.in_flight)  # read at scrape time: free per call
-        self.origin = config.infinity_origin
+        self.origin = URL(config.infinity_url).origin()
         self.classify_url = config.infinity_url.rstrip("/") + "/classify"
         self.rerank_url = config.infinity_url.rstrip("/") + "/rerank"
         self.models_path = URL(config.infinity_url).raw_path.rstrip("/") + "/models"
@@ -1995,13 +1981,9 @@ async def rerank(request: web.Request, shape: AnswerShape, speaks_tei: bool = Fa
                         charset="utf-8")
 
 
-async def rerank_infinity_shape(request: web.Request) -> web.Response:
-    """/rerank and /v1/rerank: Infinity's shape, or TEI's for a body with texts."""
-    return await rerank(request, infinity_answer, speaks_tei=True)
-
-
-async def rerank_cohere_v2_shape(request: web.Request) -> web.Response:
-    return await rerank(request, cohere_v2_answer)
+# /rerank and /v1/rerank answer in Infinity's shape, or TEI's for a body with texts; /v2/rerank in Cohere's.
+rerank_infinity_shape = functools.partial(rerank, shape=infinity_answer, speaks_tei=True)
+rerank_cohere_v2_shape = functools.partial(rerank, shape=cohere_v2_answer)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -2301,7 +2283,7 @@ def make_app(config: Config) -> web.Application:
               ("/v1/models", get, models), ("/info", get, info), ("/v1/info", get, info)]
     for path, methods, handler in routes:
         app.router.add_route("*", path, only(methods, handler), expect_handler=continue_if_admitted)
-    prefix = config.infinity_prefix
+    prefix = URL(config.infinity_url).path.rstrip("/")
     app.router.add_route("*", prefix + "/{tail:.*}", forward_under_prefix, expect_handler=continue_if_admitted)
     return app
 
