@@ -124,7 +124,9 @@ def start_gateway(config_path: Path, log_path: Path, proxy_url: str) -> tuple[Lo
 
 
 @dataclass(frozen=True)
-class Answer:
+class GatewayAnswer:
+    """An answer through the gateway: its body, lower-cased headers and when it was sent and came (failover timing)."""
+
     status: int
     body: Any
     headers: dict[str, str]
@@ -144,7 +146,7 @@ class Answer:
         return self.headers.get("x-litellm-model-api-base", "")
 
 
-def timed_gateway_call(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None) -> Answer:
+def timed_gateway_call(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None) -> GatewayAnswer:
     """A call to the gateway with its master key, unlike tests/helpers.http_json: when it was sent and answered,
     its headers in lower case, a body that is not JSON kept as text, and no answer at all (a timeout) returned
     as status 0, so that a run of calls counts it as a failed request rather than stopping."""
@@ -164,7 +166,7 @@ def timed_gateway_call(method: str, url: str, body: Any = None, headers: dict[st
         parsed = json.loads(raw)
     except ValueError:
         parsed = raw.decode(errors="replace")
-    return Answer(status, parsed, {k.lower(): v for k, v in dict(answer_headers).items()}, now - started, now)
+    return GatewayAnswer(status, parsed, {k.lower(): v for k, v in dict(answer_headers).items()}, now - started, now)
 
 
 def health(gateway_url: str) -> dict[str, Any]:
@@ -332,7 +334,7 @@ def test_gateway_rerank_gets_the_models_own_scores(gateway: str, expected: dict[
 FAILOVER_BODY = {"model": "mxbai-rerank", "query": QUERY, "documents": DOCUMENTS}
 
 
-def assert_correct(answer: Answer, expected: dict[str, Any]) -> None:
+def assert_correct(answer: GatewayAnswer, expected: dict[str, Any]) -> None:
     assert answer.status == 200, (answer.status, answer.body)
     results = answer.body["results"]
     assert [r["index"] for r in results] == expected["order"]
@@ -340,7 +342,7 @@ def assert_correct(answer: Answer, expected: dict[str, Any]) -> None:
         assert result["relevance_score"] == pytest.approx(expected["scores"][result["index"]], abs=SCORE_TOLERANCE)
 
 
-def rerank_through(gateway_url: str) -> Answer:
+def rerank_through(gateway_url: str) -> GatewayAnswer:
     return timed_gateway_call("POST", gateway_url + "/rerank", FAILOVER_BODY)
 
 
@@ -371,7 +373,7 @@ class Traffic:
     def __init__(self, gateway_url: str, limit: int) -> None:
         self.gateway_url = gateway_url
         self.limit = limit
-        self.answers: list[Answer] = []
+        self.answers: list[GatewayAnswer] = []
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
 
@@ -388,7 +390,7 @@ class Traffic:
         self.stopping.set()
         self.thread.join(timeout=2 * CALL_SECONDS)
 
-    def wait_until(self, done: Callable[[list[Answer]], bool], timeout: float) -> bool:
+    def wait_until(self, done: Callable[[list[GatewayAnswer]], bool], timeout: float) -> bool:
         """Whether the answers so far satisfy `done` within `timeout` seconds."""
         deadline = time.monotonic() + timeout
         while not done(self.answers[:]):
@@ -408,7 +410,7 @@ def test_a_pair_whose_infinity_stops_is_failed_over_and_serves_again_once_it_is_
         figures: dict[str, Any]) -> None:
     a_before = pair_a.served(len(DOCUMENTS)).get(200, 0)
 
-    def served_by_a_after(moment: float) -> Callable[[list[Answer]], bool]:
+    def served_by_a_after(moment: float) -> Callable[[list[GatewayAnswer]], bool]:
         return lambda answers: any(a.api_base == pair_a.url and a.sent > moment for a in answers)
 
     with Traffic(failover_gateway, TRAFFIC_LIMIT) as traffic:
