@@ -172,7 +172,7 @@ def template_for(templates: dict[str, Template], chosen: str, *names: str) -> Te
 
 # A template file's fields and their JSON types, from Template's own (a tuple is a JSON list); those without a default
 # are required.
-TEMPLATE_FIELDS = {field.name: {"str": str, "bool": bool, "int": int}.get(field.type, list)
+TEMPLATE_FIELDS = {field.name: {"str": str, "bool": bool, "int": int, "tuple[str, ...]": list}[field.type]
                    for field in dataclasses.fields(Template)}
 REQUIRED_FIELDS = [field.name for field in dataclasses.fields(Template) if field.default is dataclasses.MISSING]
 PLACEHOLDERS = {"instruction_line": "instruction", "query_line": "query", "document_line": "document"}
@@ -894,7 +894,9 @@ def at_least_one(body: dict[str, Any], name: str) -> int | None:
 
 def document_list(body: dict[str, Any], name: str, max_documents: int) -> list[Any]:
     items = optional_field(body, name, "list")
-    if items is not None and len(items) > max_documents:
+    if items is None:
+        raise bad_request(f"'{name}' is required: a list of strings or objects", name)
+    if len(items) > max_documents:
         raise bad_request(f"too many {name}: {len(items)}, at most {max_documents} in one request; "
                           "split them into several requests", name)
     return items
@@ -905,11 +907,8 @@ def parse_rerank(body: dict[str, Any], config: Config) -> RerankRequest:
     query = text_field(body, "query", config.max_query_chars, required=True, cut=True)
     if not query.strip():
         cut = len(body["query"]) > config.max_query_chars  # a query is cut to what is scored, then looked at
-        raise bad_request("'query' must not be empty or only whitespace" + (
-            f" in its first {config.max_query_chars} characters (--max-query-chars), all that is scored" if cut else ""),
-            "query")
-    if body.get("documents") is None:
-        raise bad_request("'documents' is required: a list of strings or objects", "documents")
+        where = f" in its first {config.max_query_chars} characters (--max-query-chars), all that is scored"
+        raise bad_request("'query' must not be empty or only whitespace" + (where if cut else ""), "query")
     documents = document_list(body, "documents", config.max_documents)
     rank_fields = checked_rank_fields(optional_field(body, "rank_fields", "list"))
     top_n = optional_field(body, "top_n", "integer")
@@ -1331,7 +1330,8 @@ class Metrics:
             "rerank_proxy_documents", "Documents (or TEI texts) received in accepted rerank requests",
             ("route", "template"), registry=registry)
         self.upstream_calls = prometheus_client.Counter(
-            "rerank_proxy_upstream_calls", "Scoring calls to Infinity (/classify, a cross-encoder's /rerank, the self-check), by outcome", ("outcome",), registry=registry)
+            "rerank_proxy_upstream_calls", "Scoring calls to Infinity (/classify, a cross-encoder's /rerank, the "
+            "self-check), by outcome", ("outcome",), registry=registry)
         self.upstream_seconds = prometheus_client.Histogram(
             "rerank_proxy_upstream_call_duration_seconds", "Time of one scoring call, from its slot to its answer",
             buckets=DURATION_BUCKETS, registry=registry)
@@ -1507,10 +1507,12 @@ class Infinity:
         plain = {"auto_decompress": False, "headers": {"Accept-Encoding": "identity"}}
         self.session = ClientSession(timeout=timeout, connector=TCPConnector(**pool), skip_auto_headers=("User-Agent",),
                                      trace_configs=[reuse_tracing()], **plain)
-        # Forwarded routes (embeddings, the model list) have a pool of their own: however many of their answers
-        # stream at once, and however slowly, they never take a connection a rerank needs.
-        self.forward_session = ClientSession(timeout=timeout, connector=TCPConnector(**pool),
-                                             skip_auto_headers=("User-Agent",), **plain)
+        # Forwarded routes (embeddings, the model list) have a pool of their own, as large as the one they shared
+        # before: however many of their answers stream at once, and however slowly, they take no connection a rerank
+        # needs, and a small --max-concurrency (a CPU Infinity) still leaves them room.
+        forwarding = TCPConnector(**{**pool, "limit": self.config.max_concurrency + 16})
+        self.forward_session = ClientSession(timeout=timeout, connector=forwarding, skip_auto_headers=("User-Agent",),
+                                             **plain)
         # Never reuses a connection: for the one retry after a stale keep-alive connection, and for the proxy's
         # own calls made now and then (the self-check, the model list), which leave no idle connection to go stale.
         self.fresh_session = ClientSession(timeout=timeout, connector=TCPConnector(force_close=True), **plain)
@@ -1548,7 +1550,8 @@ class Infinity:
                      read: Callable[[Any], tuple[list[float], int]]) -> tuple[list[float], int]:
         """A call for `expected` scores, within the bound on calls in flight, its answer read by `read`; its
         outcome counted in rerank_proxy_upstream_calls_total."""
-        outcome = "cancelled"  # unless the call ends otherwise: its request gave up (the client went away)
+        # Unless the call ends otherwise, its request gave up: the client left, or another call of it failed.
+        outcome = "cancelled"
         try:
             status, answer_headers, raw = await self.timed_post(url, body, headers, expected, pooled)
             if status != 200:
@@ -1716,27 +1719,39 @@ class ServedModels:
 
     REFRESH_SECONDS = 30.0
     RETRY_SECONDS = 2.0
+    MAX_REFUSED = 1024  # client keys remembered as refused (without --api-key each client's key asks)
 
     def __init__(self, infinity: Infinity) -> None:
         self.infinity = infinity
         self.capabilities: dict[str, frozenset[str]] = {}
         self.read_at = -math.inf
-        self.reading = asyncio.Lock()
+        self.reads: dict[str | None, asyncio.Future[None]] = {}  # in flight, by the Authorization it carries
+        self.refused_at: dict[str | None, float] = {}  # when Infinity refused the list to a client's own key
 
     async def resolve(self, model: str, headers: dict[str, str]) -> tuple[str, frozenset[str]]:
         """The name Infinity serves `model` under, and its capabilities (none when Infinity does not say).
         With one model loaded, Infinity ignores the name a request gives: every name is that model."""
-        if model not in self.capabilities and time.monotonic() - self.read_at > self.REFRESH_SECONDS:
-            async with self.reading:  # the first requests share one read
-                if model not in self.capabilities and time.monotonic() - self.read_at > self.REFRESH_SECONDS:
-                    listed = await self.infinity.served_models({**headers, **INTERNAL})
-                    if listed is None:  # this client's key was refused: the next client's key may not be
-                        return self.known(model)
-                    # A list that could not be read (Infinity down, or refusing the proxy's own key) is tried
-                    # again after RETRY_SECONDS, not trusted for REFRESH_SECONDS.
-                    self.read_at = time.monotonic() - (0 if listed else self.REFRESH_SECONDS - self.RETRY_SECONDS)
-                    self.capabilities = listed or self.capabilities
+        key, now = headers.get("Authorization"), time.monotonic()
+        if (model not in self.capabilities and now - self.read_at > self.REFRESH_SECONDS
+                and now - self.refused_at.get(key, -math.inf) > self.RETRY_SECONDS):
+            reading = self.reads.get(key)
+            if reading is None:  # the requests that carry one key share one read; a refused key holds up no other
+                reading = self.reads[key] = asyncio.ensure_future(self.read(key, {**headers, **INTERNAL}))
+                reading.add_done_callback(lambda _: self.reads.pop(key, None))
+            await asyncio.shield(reading)
         return self.known(model)
+
+    async def read(self, key: str | None, headers: dict[str, str]) -> None:
+        listed = await self.infinity.served_models(headers)
+        if listed is None:  # this client's key was refused: another client's may not be
+            if len(self.refused_at) >= self.MAX_REFUSED:
+                self.refused_at.clear()
+            self.refused_at[key] = time.monotonic()
+            return
+        # A list that could not be read (Infinity down, or refusing the proxy's own key) is tried again after
+        # RETRY_SECONDS, not trusted for REFRESH_SECONDS.
+        self.read_at = time.monotonic() - (0 if listed else self.REFRESH_SECONDS - self.RETRY_SECONDS)
+        self.capabilities = listed or self.capabilities
 
     def known(self, model: str) -> tuple[str, frozenset[str]]:
         """As resolve, from what is known now (no call)."""
@@ -1813,8 +1828,8 @@ class AnchorChecks:
 
         async def log_odds_of(text: str) -> float:
             body = json_dumps({"model": model, "input": [text]})
-            [score], _ = await self.infinity.scored(self.infinity.classify_url, body, 1, {**headers, **INTERNAL},
-                                                    False, lambda answer: positive_probabilities(answer, 1, label, True))
+            [score], _ = await self.infinity.scored(self.infinity.classify_url, body, 1, {**headers, **INTERNAL}, False,
+                                                    lambda answer: positive_probabilities(answer, 1, label, True))
             return score
 
         bare = await log_odds_of(template.prompt(*ANCHOR_PROBE).rstrip())
@@ -1830,7 +1845,7 @@ class AnchorChecks:
                         "anchor %s): every score it gives is off. Set pad_token_id in its config.json to the id of "
                         "%s (docs/how-it-works.md, Fidelity)", model, ", ".join(f"{gap:.3g}" for gap in gaps),
                         " or ".join(template.anchors), template.anchors[0])
-        if len(self.done) >= self.MAX_CHECKED:
+        if model not in self.done and len(self.done) >= self.MAX_CHECKED:
             oldest = self.done.pop(next(iter(self.done)))
             self.metrics.template_check.remove(oldest.model, oldest.template.name)
         self.done[model] = found
@@ -2085,7 +2100,8 @@ async def models(request: web.Request) -> web.Response:
     request[STATS].upstream_calls = 1
     async with infinity.forwarded(request.method, infinity.models_path, request.rel_url.raw_query_string, body,
                                   forwarded_headers(request)) as answer:
-        response = web.Response(status=answer.status, body=await bounded_answer(answer, MODELS_ANSWER_BYTES, answer.url))
+        listed = await bounded_answer(answer, MODELS_ANSWER_BYTES, answer.url)
+        response = web.Response(status=answer.status, body=listed)
         copy_answer_headers(answer.headers, response)
     return response
 
@@ -2187,12 +2203,13 @@ def refusal_from_headers(request: web.Request) -> RerankError | None:
     return None
 
 
-async def continue_if_admitted(request: web.Request) -> None:
+async def continue_if_admitted(request: web.Request, methods: tuple[str, ...] = ()) -> None:
     """curl sends "Expect: 100-continue" with a large body and waits for "100 Continue" before sending it. It
-    gets one only when the headers pass and admission would take the request now; otherwise the middleware's
-    401, 415, 429 or 413 is the answer it waits for, and the body is never sent."""
+    gets one only when the route takes its method, the headers pass and admission would take the request now;
+    otherwise the 405, 401, 415, 429 or 413 is the answer it waits for, and the body is never sent."""
     if (request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue"
-            and refusal_from_headers(request) is None and request.app[ADMISSION].would_admit(request.content_length)):
+            and (not methods or request.method in methods) and refusal_from_headers(request) is None
+            and request.app[ADMISSION].would_admit(request.content_length)):
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # as aiohttp's own expect handler: the answer has not started
 
@@ -2282,7 +2299,8 @@ def make_app(config: Config) -> web.Application:
               ("/ready", get, ready), ("/metrics", get, prometheus_metrics), ("/models", get, models),
               ("/v1/models", get, models), ("/info", get, info), ("/v1/info", get, info)]
     for path, methods, handler in routes:
-        app.router.add_route("*", path, only(methods, handler), expect_handler=continue_if_admitted)
+        app.router.add_route("*", path, only(methods, handler),
+                             expect_handler=functools.partial(continue_if_admitted, methods=methods))
     prefix = URL(config.infinity_url).path.rstrip("/")
     app.router.add_route("*", prefix + "/{tail:.*}", forward_under_prefix, expect_handler=continue_if_admitted)
     return app

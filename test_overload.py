@@ -191,13 +191,16 @@ async def test_expect_100_continue_gets_continue_only_when_the_request_would_be_
     assert status == 200, answer
 
 
-@pytest.mark.parametrize(("header", "status"), [("Authorization: Bearer wrong\r\n", 401),
-                                               ("Authorization: Bearer key\r\nContent-Encoding: gzip\r\n", 415)])
-async def test_expect_100_continue_gets_no_continue_when_the_headers_are_refused(
-        serve: Serve, header: str, status: int) -> None:
+@pytest.mark.parametrize(("path", "header", "status"), [
+    ("/v1/rerank", "Authorization: Bearer wrong\r\n", 401),
+    ("/v1/rerank", "Authorization: Bearer key\r\nContent-Encoding: gzip\r\n", 415),
+    ("/health", "", 405),  # a route that takes no POST
+])
+async def test_expect_100_continue_gets_no_continue_when_the_request_is_refused_from_its_head(
+        serve: Serve, path: str, header: str, status: int) -> None:
     client = await serve(api_key="key")
     refused = await RawClient.to(client)
-    await refused.head(content_length=9_000, extra="Expect: 100-continue\r\n" + header)
+    await refused.head(path, content_length=9_000, extra="Expect: 100-continue\r\n" + header)
     answered, _, body = await refused.answer()  # the final answer, with no "100 Continue" before it
     assert (answered, body["error"]["code"]) == (status, status)
     refused.close()

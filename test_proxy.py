@@ -1369,6 +1369,44 @@ async def test_a_model_list_refused_for_one_clients_key_is_read_again_with_the_n
     assert [body["documents"] for body in fake_infinity.rerank_bodies] == [GOOD["documents"]]
 
 
+async def test_a_model_list_read_with_a_refused_key_holds_up_no_other_clients_request(
+        client: Any, fake_infinity: Any) -> None:
+    fake_infinity.api_key = "good"
+    infinity, refused, reads = client.server.app[proxy.INFINITY], asyncio.Event(), []
+    served_models = infinity.served_models
+
+    async def slowly_refused(headers: dict[str, str]) -> Any:
+        reads.append(headers.get("Authorization"))
+        if headers.get("Authorization") == "Bearer bad":
+            await refused.wait()  # Infinity is slow to refuse it: the good key's request comes meanwhile
+            return None
+        return await served_models(headers)
+
+    infinity.served_models = slowly_refused
+    bad = asyncio.create_task(post(client, GOOD, headers={"Authorization": "Bearer bad"}))
+    assert await eventually(lambda: reads == ["Bearer bad"])
+    good = asyncio.create_task(post(client, GOOD, headers={"Authorization": "Bearer good"}))
+    assert await eventually(good.done)  # not queued behind the bad key's read
+    assert (await good).status == 200
+    refused.set()
+    assert (await bad).status == 401
+
+
+async def test_a_key_infinity_refused_the_model_list_to_is_not_asked_again_at_once(client: Any, fake_infinity: Any) -> None:
+    fake_infinity.api_key = "good"
+    infinity, reads = client.server.app[proxy.INFINITY], []
+    served_models = infinity.served_models
+
+    async def counted(headers: dict[str, str]) -> Any:
+        reads.append(headers.get("Authorization"))
+        return await served_models(headers)
+
+    infinity.served_models = counted
+    for _ in range(3):
+        assert (await post(client, GOOD, headers={"Authorization": "Bearer bad"})).status == 401
+    assert reads == ["Bearer bad"]  # again after ServedModels.RETRY_SECONDS
+
+
 # ---------------------------------------------------------------------------------------------
 # No prompt outgrows the model's context
 # ---------------------------------------------------------------------------------------------
