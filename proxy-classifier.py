@@ -1814,6 +1814,10 @@ class AnchorChecks:
             # fails for that key's requests only.
             key = (model, headers.get("Authorization"))
             running = self.running.get(key)
+            if running is None and len(self.running) >= self.MAX_CHECKED:
+                # A check left running outlives its request: under a flood of names or keys (Infinity stalled), one
+                # of the request's own, which ends with it, so that what runs stays bounded by the requests in hand.
+                return (await self.check(model, template, headers)).anchor_to_send
             if running is None:
                 running = self.running[key] = asyncio.ensure_future(self.check(model, template, headers))
                 running.add_done_callback(lambda _: self.running.pop(key, None))

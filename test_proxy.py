@@ -1369,6 +1369,27 @@ async def test_a_model_list_refused_for_one_clients_key_is_read_again_with_the_n
     assert [body["documents"] for body in fake_infinity.rerank_bodies] == [GOOD["documents"]]
 
 
+async def test_self_checks_left_running_are_bounded_beyond_that_each_request_checks_for_itself(
+        client: Any, fake_infinity: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(proxy.AnchorChecks, "MAX_CHECKED", 1)
+    checks, stalled, probed = client.server.app[proxy.CHECKS], asyncio.Event(), []
+    answer_probe = fake_infinity.answer_probe
+
+    async def probe(request: web.Request) -> web.Response:
+        probed.append(request.headers.get("Authorization"))
+        await stalled.wait()  # Infinity stalls: every check is still running when the next request comes
+        return await answer_probe(request)
+
+    fake_infinity.answer_probe = probe
+    first = asyncio.create_task(post(client, GOOD, headers={"Authorization": "Bearer one"}))
+    assert await eventually(lambda: len(checks.running) == 1)
+    second = asyncio.create_task(post(client, GOOD, headers={"Authorization": "Bearer two"}))
+    assert await eventually(lambda: "Bearer two" in probed)
+    assert list(checks.running) == [(SERVED_MODEL, "Bearer one")]  # the second checks for itself, leaving none
+    stalled.set()
+    assert ((await first).status, (await second).status) == (200, 200)
+
+
 async def test_a_model_list_read_with_a_refused_key_holds_up_no_other_clients_request(
         client: Any, fake_infinity: Any) -> None:
     fake_infinity.api_key = "good"
