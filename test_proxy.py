@@ -1413,7 +1413,8 @@ async def test_a_model_list_read_with_a_refused_key_holds_up_no_other_clients_re
     assert (await bad).status == 401
 
 
-async def test_a_key_infinity_refused_the_model_list_to_is_not_asked_again_at_once(client: Any, fake_infinity: Any) -> None:
+async def test_a_key_infinity_refused_the_model_list_to_is_not_asked_again_at_once(
+        client: Any, fake_infinity: Any) -> None:
     fake_infinity.api_key = "good"
     infinity, reads = client.server.app[proxy.INFINITY], []
     served_models = infinity.served_models
