@@ -367,18 +367,11 @@ EXCHANGES = [
     ("/v1/rerank", "post", "/v1/rerank", RERANK_BODY, True, 401),
     ("/v2/rerank", "post", "/v2/rerank", {**RERANK_BODY, "return_documents": True, "raw_scores": True}, False, 200),
     ("/v2/rerank", "post", "/v2/rerank", {**RERANK_BODY, "top_n": "1"}, False, 400),
-    ("/info", "get", "/info", None, False, 200),
-    ("/info", "get", "/info", None, True, 401),
-    ("/v1/info", "get", "/v1/info", None, False, 200),
-    ("/v1/info", "get", "/v1/info", None, True, 401),
     ("/health", "get", "/health", None, True, 200),
     ("/ready", "get", "/ready", None, True, 200),
-    ("/metrics", "get", "/metrics", None, False, 200),
-    ("/metrics", "get", "/metrics", None, True, 401),
-    ("/models", "get", "/models", None, False, 200),
-    ("/models", "get", "/models", None, True, 401),
-    ("/v1/models", "get", "/v1/models", None, False, 200),
-    ("/v1/models", "get", "/v1/models", None, True, 401),
+    # each GET route behind the key: its answer, and its 401 when the proxy has a key the request lacks
+    *[(path, "get", path, None, keyed, 401 if keyed else 200)
+      for path in ("/info", "/v1/info", "/metrics", "/models", "/v1/models") for keyed in (False, True)],
     ("/v1/{tail}", "post", "/v1/embeddings", {"model": "m", "input": ["text"]}, False, 200),
     ("/v1/{tail}", "post", "/v1/embeddings", {"model": "m", "input": ["  "]}, False, 400),
 ]
