@@ -672,11 +672,11 @@ def stdlib_escaped_utf8_each(texts: list[str]) -> list[bytes]:
 
 def orjson_escaped_utf8_each(texts: list[str]) -> list[bytes]:
     """Each text escaped, with orjson called straight from one comprehension (faster than a
-    function call per text); on an unpaired surrogate, text by text to raise the error that names it."""
+    function call per text); on an unpaired surrogate, by the stdlib, whose error names the text."""
     try:
         return [orjson.dumps(text)[1:-1] for text in texts]
     except orjson.JSONEncodeError:
-        return [orjson_escaped_utf8(text) for text in texts]
+        return stdlib_escaped_utf8_each(texts)
 
 
 escaped_utf8 = stdlib_escaped_utf8 if orjson is None else orjson_escaped_utf8
@@ -1731,9 +1731,10 @@ class ServedModels:
     async def resolve(self, model: str, headers: dict[str, str]) -> tuple[str, frozenset[str]]:
         """The name Infinity serves `model` under, and its capabilities (none when Infinity does not say).
         With one model loaded, Infinity ignores the name a request gives: every name is that model."""
+        if model in self.capabilities:  # the common case: nothing to read, nothing more to look at
+            return self.known(model)
         key, now = headers.get("Authorization"), time.monotonic()
-        if (model not in self.capabilities and now - self.read_at > self.REFRESH_SECONDS
-                and now - self.refused_at.get(key, -math.inf) > self.RETRY_SECONDS):
+        if now - self.read_at > self.REFRESH_SECONDS and now - self.refused_at.get(key, -math.inf) > self.RETRY_SECONDS:
             reading = self.reads.get(key)
             if reading is None:  # the requests that carry one key share one read; a refused key holds up no other
                 reading = self.reads[key] = asyncio.ensure_future(self.read(key, {**headers, **INTERNAL}))
